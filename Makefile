@@ -1,0 +1,35 @@
+# Two commands for a fresh clone: `make test` and `make bench`.
+# Both create .venv (if missing), install torch, triton and pycomm with its C++ extension,
+# then run the tests or the benchmarks.  Re-running only rebuilds what changed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.pycomm-installed
+# torch pin for the default set-up; an environment that already has torch keeps its own.
+TORCH_SPEC ?= torch==2.13.0
+CSRC   := $(shell find csrc -type f 2>/dev/null)
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: test bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml setup.py $(CSRC)
+	$(PY) -m pip install --upgrade "pip>=23" setuptools wheel ninja
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	@touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench kernels
+
+clean:
+	rm -rf build *.egg-info pycomm/*.so
