@@ -1,0 +1,1 @@
+"""pycomm's microbenchmarks: `python -m bench` (collectives) and `python -m bench kernels`."""
