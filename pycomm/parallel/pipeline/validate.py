@@ -1,0 +1,105 @@
+"""Check a schedule before it runs.
+
+Contract: :func:`validate` raises :class:`~.schedules.ScheduleError` (a ``ValueError``) whose
+message names the rank, the step index and the action, and says what is expected instead;
+:func:`find_problems` returns the same static findings as a list of strings without raising.
+
+Checks, in order:
+
+1. shape: one step list per rank; stages and micro-batches in range; each action on the rank
+   that owns its stage (``stage % stages``);
+2. every (stage, micro-batch) has exactly one ``F`` and one ``B``, and the ``B`` comes after its
+   ``F`` on that rank (the backward needs the forward's saved activations);
+3. messages (lowered schedules): each names a real neighbour on another rank, and between every
+   pair of ranks the k-th send matches the k-th receive (same tensor, same order);
+4. execution: the lists are run step by step with blocking sends (a send waits for the matching
+   receive) to catch hangs and data used before it arrived: forward of stage ``s+1`` only after
+   stage ``s`` produced it, backward of ``s`` only after ``s+1``'s gradient.  A compute-only
+   schedule is run with its data dependencies alone, which checks the same cross-stage order.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .schedules import Action, Kind, Schedule, ScheduleError, step_ops
+
+__all__ = ["validate", "find_problems"]
+
+
+def find_problems(schedule: Schedule) -> list[str]:
+    """Static problems of ``schedule`` (checks 1-2 above), each an actionable sentence."""
+    p, m, nstages = schedule.stages, schedule.microbatches, schedule.num_model_stages
+    if len(schedule.actions) != p:
+        return [
+            f"schedule {schedule.name!r} has {len(schedule.actions)} rank lists but stages={p}; "
+            f"give exactly one list per rank"
+        ]
+    problems: list[str] = []
+    where: dict[tuple[Kind, int, int], list[tuple[int, int]]] = defaultdict(list)
+    for rank, program in enumerate(schedule.actions):
+        for k, step in enumerate(program):
+            for op in step_ops(step):
+                if not 0 <= op.stage < nstages:
+                    problems.append(
+                        f"rank {rank}, step {k} '{op}': stage {op.stage} is out of range "
+                        f"0..{nstages - 1} (stages={p}, virtual={schedule.virtual})"
+                    )
+                    continue
+                if not 0 <= op.microbatch < m:
+                    problems.append(
+                        f"rank {rank}, step {k} '{op}': micro-batch {op.microbatch} is out of "
+                        f"range 0..{m - 1}"
+                    )
+                    continue
+                owner = schedule.rank_of(op.stage)
+                if owner != rank:
+                    problems.append(
+                        f"rank {rank}, step {k} '{op}': stage {op.stage} lives on rank {owner}; "
+                        f"move the action to rank {owner}'s list"
+                    )
+                    continue
+                if op.kind.is_compute:
+                    where[(op.kind, op.stage, op.microbatch)].append((rank, k))
+
+    for stage in range(nstages):
+        owner = schedule.rank_of(stage)
+        for mb in range(m):
+            for kind, word in ((Kind.F, "forward"), (Kind.B, "backward")):
+                hits = where.get((kind, stage, mb), [])
+                act = Action(stage, kind, mb)
+                if not hits:
+                    problems.append(
+                        f"rank {owner}: stage {stage} micro-batch {mb} has no {word}; "
+                        f"add '{act}' to rank {owner}'s list"
+                    )
+                elif len(hits) > 1:
+                    steps = ", ".join(str(k) for _, k in hits)
+                    problems.append(
+                        f"rank {owner}: '{act}' runs {len(hits)} times (steps {steps}); "
+                        f"each (stage, micro-batch) needs exactly one {word}"
+                    )
+            f_hits, b_hits = where.get((Kind.F, stage, mb)), where.get((Kind.B, stage, mb))
+            if f_hits and b_hits and len(f_hits) == len(b_hits) == 1:
+                (_, kf), (_, kb) = f_hits[0], b_hits[0]
+                if kb < kf:
+                    problems.append(
+                        f"rank {owner}, step {kb} '{Action(stage, Kind.B, mb)}' comes before its "
+                        f"forward '{Action(stage, Kind.F, mb)}' (step {kf}); a backward needs "
+                        f"its forward's activations, so move it after step {kf}"
+                    )
+    return problems
+
+
+def validate(schedule: Schedule) -> None:
+    """Raise :class:`ScheduleError` unless ``schedule`` is complete, ordered and hang-free."""
+    problems = find_problems(schedule)
+    if problems:
+        raise ScheduleError(
+            f"invalid {schedule.name!r} schedule (stages={schedule.stages}, "
+            f"microbatches={schedule.microbatches}, virtual={schedule.virtual}):\n  "
+            + "\n  ".join(problems)
+        )
+    # Checks 3-4 need the execution engine; imported here because simulate imports us.
+    from .simulate import execute
+
+    execute(schedule, blocking_sends=True)
