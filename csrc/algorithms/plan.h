@@ -1,0 +1,75 @@
+// A plan is what an algorithm produces and a transport executes: for one rank, the sends
+// and receives of one collective, with the local dependencies between them.
+//
+// Tasks to (or from) one peer on one lane are carried in the order they were added, and the
+// peer adds its matching tasks in the same order; algorithms guarantee that.  A dependency
+// on a task of the same byte size *streams*: the dependent task may handle byte k as soon
+// as the task it depends on has handled byte k (this is what pipelines a ring: a chunk is
+// forwarded piece by piece while it is still arriving).  A dependency on a task of another
+// size waits for that task to finish.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "common.h"
+
+namespace pycomm {
+
+struct Task {
+  enum Kind { Send, RecvCopy, RecvReduce };
+  Kind kind;
+  int peer;
+  int lane;             // independent FIFO channels to one peer (e.g. one per tree)
+  char* dst;            // receives: where the bytes (or the reduced bytes) go
+  const char* src;      // send: the bytes; RecvReduce: dst = src op received (src may be dst)
+  size_t bytes;
+  int deps[3];
+  int ndeps;
+  int desc = -1;        // index into Plan::descs(), or -1 for the collective's descriptor
+  size_t done = 0;      // bytes handled so far (executor state)
+};
+
+class Plan {
+ public:
+  int send(int peer, const void* src, size_t bytes, std::initializer_list<int> deps = {},
+           int lane = 0) {
+    return add(Task::Send, peer, lane, nullptr, static_cast<const char*>(src), bytes, deps);
+  }
+  int recvCopy(int peer, void* dst, size_t bytes, std::initializer_list<int> deps = {},
+               int lane = 0) {
+    return add(Task::RecvCopy, peer, lane, static_cast<char*>(dst), nullptr, bytes, deps);
+  }
+  int recvReduce(int peer, void* dst, const void* src, size_t bytes,
+                 std::initializer_list<int> deps = {}, int lane = 0) {
+    return add(Task::RecvReduce, peer, lane, static_cast<char*>(dst),
+               static_cast<const char*>(src), bytes, deps);
+  }
+  std::vector<Task>& tasks() { return tasks_; }
+  const std::vector<Task>& tasks() const { return tasks_; }
+  // Point-to-point tasks carry their own descriptor (a per-peer sequence number).
+  void setDesc(int task, const OpDesc& d) {
+    descs_.push_back(d);
+    tasks_[task].desc = int(descs_.size()) - 1;
+  }
+  const OpDesc& descOf(const Task& t, const OpDesc& fallback) const {
+    return t.desc < 0 ? fallback : descs_[t.desc];
+  }
+
+ private:
+  int add(Task::Kind kind, int peer, int lane, char* dst, const char* src, size_t bytes,
+          std::initializer_list<int> deps) {
+    Task t{kind, peer, lane, dst, src, bytes, {-1, -1, -1}, 0};
+    for (int d : deps) {
+      if (d < 0) continue;  // "no dependency" placeholders keep call sites uniform
+      if (t.ndeps == 3) throw std::logic_error("a task has at most three dependencies");
+      t.deps[t.ndeps++] = d;
+    }
+    tasks_.push_back(t);
+    return int(tasks_.size()) - 1;
+  }
+  std::vector<Task> tasks_;
+  std::vector<OpDesc> descs_;
+};
+
+}  // namespace pycomm

@@ -1,0 +1,157 @@
+// Tree algorithms, for latency-bound sizes: a tree of depth d needs about 2d steps where a
+// ring needs 2(p-1).  With p ranks, n bytes and the constants of ring.cpp:
+//   all-reduce (double binary tree, pipelined)  2 log2(p) alpha + n beta + n gamma
+//     each half of the buffer reduces up one tree and comes back down it; a rank is
+//     interior in at most one of the two trees, so each rank moves about n bytes each way
+//   all-gather (gather up, then down)           2 log2(p) alpha + (p-1)/p n beta, at the root
+//   broadcast  (binary tree)                    log2(p) alpha + 2 n beta
+// Reductions at a node always combine own + child0 + child1 in that order, and the root's
+// result travels down unchanged, so every rank ends with the same bits, run after run.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "algorithms/algorithms.h"
+
+namespace pycomm {
+
+// NCCL's btree (graph/trees.cc): rank r's parent flips r's lowest set bit into the next
+// one; its children sit half that bit below and above it.  Rank 0 is the root and has a
+// single child, the highest power of two below size.
+TreeNode binaryTree(int rank, int size) {
+  TreeNode n;
+  if (size <= 1) return n;
+  int bit = 1;
+  while (bit < size && !(rank & bit)) bit <<= 1;
+  if (rank == 0) {
+    n.child[1] = bit >> 1;
+    return n;
+  }
+  int up = (rank ^ bit) | (bit << 1);
+  if (up >= size) up = rank ^ bit;
+  n.parent = up;
+  int low = bit >> 1;
+  if (low == 0) return n;  // odd ranks are leaves
+  n.child[0] = rank - low;
+  int down = rank + low;
+  while (down >= size && low > 0) {
+    low >>= 1;
+    down = rank + low;
+  }
+  n.child[1] = low > 0 ? down : -1;
+  return n;
+}
+
+TreeNode doubleTree(int rank, int size, int which) {
+  if (which == 0 || size <= 1) return binaryTree(rank, size);
+  // Mirror (even size) or shift (odd size) the ranks, build the tree, map the ranks back.
+  bool mirror = size % 2 == 0;
+  auto to = [&](int r) { return mirror ? size - 1 - r : (r + size - 1) % size; };
+  auto from = [&](int v) { return v < 0 ? -1 : (mirror ? size - 1 - v : (v + 1) % size); };
+  TreeNode t = binaryTree(to(rank), size);
+  TreeNode n;
+  n.parent = from(t.parent);
+  n.child[0] = from(t.child[0]);
+  n.child[1] = from(t.child[1]);
+  return n;
+}
+
+void treeAllReduce(Plan& plan, int rank, int size, char* out, const char* in, size_t count,
+                   size_t esize, int lanes) {
+  if (count == 0) return;
+  if (size == 1) {
+    if (out != in) std::memmove(out, in, count * esize);
+    return;
+  }
+  const int trees = std::min(2, lanes);
+  Chunks halves{count, trees};
+  for (int t = 0; t < trees; ++t) {
+    const size_t bytes = halves.length(t) * esize, off = halves.offset(t) * esize;
+    if (bytes == 0) continue;  // every rank skips the same empty half
+    TreeNode node = doubleTree(rank, size, t);
+    char* buf = out + off;
+    const char* mine = in + off;
+    // Up: buf = mine + child0 + child1, streamed piece by piece, then on to the parent.
+    int last = -1;
+    const char* acc = mine;
+    for (int c : node.child) {
+      if (c < 0) continue;
+      last = plan.recvReduce(c, buf, acc, bytes, {last}, t);
+      acc = buf;
+    }
+    int up = -1;
+    if (node.parent >= 0) up = plan.send(node.parent, acc, bytes, {last}, t);
+    // Down: the result comes from the parent (or is the root's own) and goes to the
+    // children.  A receive overwrites buf only behind the bytes already sent up.
+    int have = last;
+    const char* result = acc;
+    if (node.parent >= 0) {
+      have = plan.recvCopy(node.parent, buf, bytes, {up}, t);
+      result = buf;
+    } else if (out != in && last < 0) {
+      std::memcpy(buf, mine, bytes);  // a root with no children (not reached for size > 1)
+    }
+    for (int c : node.child)
+      if (c >= 0) plan.send(c, result, bytes, {have}, t);
+  }
+}
+
+namespace {
+
+// children[r] for every rank of tree 0, and each rank's subtree in rank order.
+struct TreeShape {
+  std::vector<TreeNode> nodes;
+  std::vector<std::vector<int>> subtree;
+  TreeShape(int size) : nodes(size), subtree(size) {
+    for (int r = 0; r < size; ++r) nodes[r] = binaryTree(r, size);
+    for (int r = 0; r < size; ++r)
+      for (int a = r; a >= 0; a = nodes[a].parent) subtree[a].push_back(r);
+  }
+  bool inSubtree(int root, int r) const {
+    const auto& s = subtree[root];
+    return std::binary_search(s.begin(), s.end(), r);
+  }
+};
+
+}  // namespace
+
+void treeAllGather(Plan& plan, int rank, int size, char* out, const char* in, size_t count,
+                   size_t esize) {
+  const size_t block = count * esize;
+  if (block == 0) return;
+  if (out + size_t(rank) * block != in) std::memcpy(out + size_t(rank) * block, in, block);
+  if (size == 1) return;
+  TreeShape shape(size);
+  const TreeNode& me = shape.nodes[rank];
+  std::vector<int> got(size, -1);  // task that delivers block b to this rank
+  // Up: collect each child's subtree, then pass our whole subtree to the parent.
+  for (int c : me.child) {
+    if (c < 0) continue;
+    for (int b : shape.subtree[c]) got[b] = plan.recvCopy(c, out + size_t(b) * block, block);
+  }
+  if (me.parent >= 0) {
+    for (int b : shape.subtree[rank])
+      plan.send(me.parent, b == rank ? in : out + size_t(b) * block, block, {got[b]});
+    // Down: the parent sends every block outside our subtree.
+    for (int b = 0; b < size; ++b)
+      if (!shape.inSubtree(rank, b)) got[b] = plan.recvCopy(me.parent, out + size_t(b) * block, block);
+  }
+  for (int c : me.child) {
+    if (c < 0) continue;
+    for (int b = 0; b < size; ++b)
+      if (!shape.inSubtree(c, b))
+        plan.send(c, b == rank ? in : out + size_t(b) * block, block, {got[b]});
+  }
+}
+
+void treeBroadcast(Plan& plan, int rank, int size, int root, char* buf, size_t bytes) {
+  if (size == 1 || bytes == 0) return;
+  auto real = [&](int v) { return v < 0 ? -1 : (v + root) % size; };
+  TreeNode node = binaryTree((rank - root + size) % size, size);
+  int have = -1;
+  if (node.parent >= 0) have = plan.recvCopy(real(node.parent), buf, bytes);
+  for (int c : node.child)
+    if (c >= 0) plan.send(real(c), buf, bytes, {have});
+}
+
+}  // namespace pycomm

@@ -1,0 +1,62 @@
+// Types shared by algorithms, transports and bindings: element types, reduction ops,
+// collective descriptors and the errors every layer raises.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace pycomm {
+
+// Values are part of the Python binding (pycomm/_dtypes.py mirrors them).
+enum class DType : int32_t { U8 = 0, I32 = 1, I64 = 2, F32 = 3, F64 = 4, F16 = 5, BF16 = 6 };
+enum class RedOp : int32_t { Sum = 0, Prod = 1, Min = 2, Max = 3, None = 4 };
+enum class Coll : int32_t {
+  AllReduce = 0, ReduceScatter = 1, AllGather = 2, Broadcast = 3, Barrier = 4, SendRecv = 5
+};
+enum class Algo : int32_t { Ring = 0, Tree = 1, None = 2 };
+
+size_t dtypeSize(DType t);
+const char* dtypeName(DType t);
+const char* redopName(RedOp op);
+const char* collName(Coll c);
+const char* algoName(Algo a);
+
+// Identifies one collective call.  Every piece a transport carries holds the sender's
+// descriptor, and every rank publishes the one it is executing, so that ranks calling
+// different collectives (or the same one with other sizes) find out instead of exchanging
+// the wrong bytes.
+struct OpDesc {
+  uint64_t seq = 0;     // per-communicator sequence number (per peer pair for send/recv)
+  uint64_t count = 0;   // elements per rank (per rank's block for reduce-scatter/all-gather)
+  int32_t coll = 0;
+  int32_t dtype = 0;
+  int32_t redop = 0;
+  int32_t algo = 0;
+  int32_t root = -1;    // broadcast source
+  int32_t pad = 0;
+};
+static_assert(sizeof(OpDesc) == 40, "OpDesc is shared between processes");
+
+bool sameOp(const OpDesc& a, const OpDesc& b);
+std::string describe(const OpDesc& d);  // "all_reduce #12 (float32 x 1000, sum, ring)"
+
+using Clock = std::chrono::steady_clock;
+
+// Base of all communication failures; the subclasses let Python tell them apart.
+class CommError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+class TimeoutError : public CommError {  // a peer did not make progress within the timeout
+ public:
+  using CommError::CommError;
+};
+class MismatchError : public CommError {  // ranks called different collectives
+ public:
+  using CommError::CommError;
+};
+
+}  // namespace pycomm

@@ -1,0 +1,441 @@
+#include "transport/shm.h"
+
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "reduce.h"
+
+namespace pycomm {
+
+namespace {
+
+constexpr uint64_t kMagic = 0x31306d6d6f637970ULL;  // "pycomm01"
+constexpr size_t kPieceHeader = 64;
+constexpr size_t kHeaderBytes = 4096;
+
+struct PieceHeader {
+  OpDesc desc;
+  uint64_t bytes;
+};
+static_assert(sizeof(PieceHeader) <= kPieceHeader, "piece header fits its slot prefix");
+
+inline uint64_t loadAcquire(const uint64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+inline void storeRelease(uint64_t* p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+inline void cpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Field 22 of /proc/<pid>/stat (start time in clock ticks) and the state letter: together
+// with the pid they tell a live peer from a dead one, a zombie, or a recycled pid.
+bool procStat(int64_t pid, char* state, uint64_t* startTime) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string s;
+  if (!f || !std::getline(f, s)) return false;
+  auto close = s.rfind(')');  // the command name may contain spaces and parentheses
+  if (close == std::string::npos) return false;
+  std::istringstream rest(s.substr(close + 2));
+  std::string field;
+  rest >> *state;
+  for (int i = 4; i <= 22 && rest >> field; ++i)
+    if (i == 22) *startTime = std::stoull(field);
+  return true;
+}
+
+std::string errnoText(const std::string& what) { return what + ": " + std::strerror(errno); }
+
+}  // namespace
+
+struct alignas(64) ShmTransport::Header {
+  uint64_t magic;
+  int32_t rank, size, lanes, slots;
+  uint64_t slotBytes;
+  int64_t pid;
+  uint64_t startTime;
+  alignas(64) uint32_t aborted;
+  char abortMsg[1024];
+  // What this rank is executing, written under a sequence lock (odd while being written).
+  alignas(64) uint64_t pubVersion;
+  OpDesc pub;
+};
+
+// head and tail on separate cache lines: the sender writes one, the receiver the other.
+struct alignas(64) ShmTransport::Channel {
+  uint64_t head;
+  char pad0[56];
+  uint64_t tail;
+  char pad1[56];
+};
+
+ShmTransport::ShmTransport(int rank, int size, const std::string& name, ShmOptions opt)
+    : rank_(rank), size_(size), opt_(opt), name_(name), maps_(size),
+      sendHead_(size_t(size) * opt.lanes, 0), recvTail_(size_t(size) * opt.lanes, 0) {
+  if (size < 1 || rank < 0 || rank >= size)
+    throw std::invalid_argument("rank " + std::to_string(rank) + " is not in [0, " +
+                                std::to_string(size) + ")");
+  if (opt.slots < 2 || opt.lanes < 1 || opt.slotBytes < 4096 || opt.slotBytes % 64)
+    throw std::invalid_argument("shm options need slots >= 2, lanes >= 1 and a slot size "
+                                "that is a multiple of 64 bytes, at least 4096");
+  size_t nch = size_t(size) * opt.lanes;
+  bytes_ = kHeaderBytes + nch * sizeof(Channel) + nch * opt.slots * (kPieceHeader + opt.slotBytes);
+
+  int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  if (fd < 0) throw CommError(errnoText("shm_open(" + name + ")"));
+  if (ftruncate(fd, off_t(bytes_)) != 0) {
+    int e = errno;
+    close(fd);
+    shm_unlink(name.c_str());
+    errno = e;
+    throw CommError(errnoText("ftruncate(" + name + ") to " + std::to_string(bytes_) +
+                              " bytes (is /dev/shm large enough?)"));
+  }
+  void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) {
+    shm_unlink(name.c_str());
+    throw CommError(errnoText("mmap(" + name + ")"));
+  }
+  maps_[rank] = {static_cast<char*>(p), bytes_};
+  static_assert(sizeof(Header) <= kHeaderBytes, "the header fits its page");
+  Header* h = header(rank);  // ftruncate zero-fills: only non-zero fields need writing
+  h->rank = rank;
+  h->size = size;
+  h->lanes = opt.lanes;
+  h->slots = opt.slots;
+  h->slotBytes = opt.slotBytes;
+  h->pid = getpid();
+  char state;
+  uint64_t start = 0;
+  procStat(h->pid, &state, &start);
+  h->startTime = start;
+  storeRelease(&h->magic, kMagic);
+}
+
+ShmTransport::~ShmTransport() {
+  if (!unlinked_) shm_unlink(name_.c_str());
+  for (auto& m : maps_)
+    if (m.base) munmap(m.base, m.bytes);
+}
+
+void ShmTransport::attach(const std::vector<std::string>& names, Clock::time_point deadline) {
+  if (int(names.size()) != size_)
+    throw std::invalid_argument("attach needs one segment name per rank");
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    int fd;
+    while ((fd = shm_open(names[r].c_str(), O_RDWR, 0600)) < 0) {
+      if (errno != ENOENT) throw CommError(errnoText("shm_open(" + names[r] + ")"));
+      if (Clock::now() > deadline)
+        throw TimeoutError("pycomm: rank " + std::to_string(rank_) + " timed out waiting for rank " +
+                           std::to_string(r) + " to create its shared-memory segment");
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || size_t(st.st_size) != bytes_) {
+      close(fd);
+      throw CommError("pycomm: rank " + std::to_string(r) + "'s segment " + names[r] +
+                      " has another size: all ranks must use the same PYCOMM_SHM_* settings");
+    }
+    void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) throw CommError(errnoText("mmap(" + names[r] + ")"));
+    maps_[r] = {static_cast<char*>(p), bytes_};
+    Header* h = header(r);
+    while (loadAcquire(&h->magic) != kMagic) {
+      if (Clock::now() > deadline)
+        throw TimeoutError("pycomm: rank " + std::to_string(r) + "'s segment was never initialised");
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    if (h->rank != r || h->size != size_)
+      throw CommError("pycomm: segment " + names[r] + " belongs to rank " + std::to_string(h->rank) +
+                      " of " + std::to_string(h->size) + ", expected rank " + std::to_string(r) +
+                      " of " + std::to_string(size_));
+  }
+}
+
+void ShmTransport::unlinkOwn() {
+  if (!unlinked_) shm_unlink(name_.c_str());
+  unlinked_ = true;
+}
+
+ShmTransport::Header* ShmTransport::header(int r) const {
+  return reinterpret_cast<Header*>(maps_[r].base);
+}
+
+ShmTransport::Channel* ShmTransport::channel(int owner, int dst, int lane) const {
+  auto* chans = reinterpret_cast<Channel*>(maps_[owner].base + kHeaderBytes);
+  return &chans[size_t(dst) * opt_.lanes + lane];
+}
+
+char* ShmTransport::slot(int owner, int dst, int lane, uint64_t index) const {
+  size_t nch = size_t(size_) * opt_.lanes;
+  size_t per = kPieceHeader + opt_.slotBytes;
+  size_t ch = size_t(dst) * opt_.lanes + lane;
+  char* slots = maps_[owner].base + kHeaderBytes + nch * sizeof(Channel);
+  return slots + (ch * opt_.slots + index % opt_.slots) * per;
+}
+
+bool ShmTransport::trySend(int peer, int lane, const OpDesc& desc, const char* data, size_t n) {
+  size_t ch = size_t(peer) * opt_.lanes + lane;
+  Channel* c = channel(rank_, peer, lane);
+  uint64_t head = sendHead_[ch];
+  if (head - loadAcquire(&c->tail) >= uint64_t(opt_.slots)) return false;
+  char* s = slot(rank_, peer, lane, head);
+  auto* ph = reinterpret_cast<PieceHeader*>(s);
+  ph->desc = desc;
+  ph->bytes = n;
+  std::memcpy(s + kPieceHeader, data, n);
+  sendHead_[ch] = head + 1;
+  storeRelease(&c->head, head + 1);
+  return true;
+}
+
+void ShmTransport::publish(const OpDesc& desc) {
+  Header* h = header(rank_);
+  uint64_t v = h->pubVersion;
+  storeRelease(&h->pubVersion, v + 1);
+  __atomic_thread_fence(__ATOMIC_RELEASE);
+  h->pub = desc;
+  storeRelease(&h->pubVersion, v + 2);
+}
+
+std::string ShmTransport::peerState(int peer) const {
+  const Header* h = header(peer);
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    uint64_t v0 = loadAcquire(&h->pubVersion);
+    if (v0 == 0) return "rank " + std::to_string(peer) + " has not started any collective";
+    OpDesc d = h->pub;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (!(v0 & 1) && loadAcquire(&h->pubVersion) == v0)
+      return "rank " + std::to_string(peer) + " is at " + describe(d);
+  }
+  return "rank " + std::to_string(peer) + " is busy";
+}
+
+void ShmTransport::abort(const std::string& why) {
+  Header* h = header(rank_);
+  if (__atomic_load_n(&h->aborted, __ATOMIC_ACQUIRE)) return;
+  size_t n = std::min(why.size(), sizeof(h->abortMsg) - 1);
+  std::memcpy(h->abortMsg, why.data(), n);
+  h->abortMsg[n] = 0;
+  __atomic_store_n(&h->aborted, 1u, __ATOMIC_RELEASE);
+}
+
+// kind: 0 CommError, 1 TimeoutError, 2 MismatchError.  Every failure is also announced to
+// the peers (abort) and makes this communicator unusable: its channels may hold pieces of
+// a collective that will never finish.
+void ShmTransport::fail(const std::string& msg, int kind) {
+  failure_ = msg;
+  abort(msg);
+  if (kind == 1) throw TimeoutError(msg);
+  if (kind == 2) throw MismatchError(msg);
+  throw CommError(msg);
+}
+
+void ShmTransport::checkPeers(const OpDesc& desc, int waitingOn) {
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    Header* h = header(r);
+    if (__atomic_load_n(&h->aborted, __ATOMIC_ACQUIRE)) {
+      fail("pycomm: " + describe(desc) + " on rank " + std::to_string(rank_) + " stopped because rank " +
+               std::to_string(r) + " failed: " + std::string(h->abortMsg),
+           0);
+    }
+    char state = '?';
+    uint64_t start = 0;
+    bool alive = kill(pid_t(h->pid), 0) == 0 || errno == EPERM;
+    if (alive && procStat(h->pid, &state, &start))
+      alive = state != 'Z' && state != 'X' && (h->startTime == 0 || start == h->startTime);
+    if (!alive) {
+      fail("pycomm: " + describe(desc) + " on rank " + std::to_string(rank_) + " failed: rank " +
+               std::to_string(r) + " (pid " + std::to_string(h->pid) + ") exited" +
+               (r == waitingOn ? " while this rank was waiting for it" : ""),
+           0);
+    }
+    // A peer that published a different collective under the same sequence number has
+    // been called with other arguments: report it instead of waiting for bytes it will
+    // never send.
+    if (Coll(desc.coll) != Coll::SendRecv) {
+      uint64_t v0 = loadAcquire(&h->pubVersion);
+      OpDesc d = h->pub;
+      __atomic_thread_fence(__ATOMIC_ACQUIRE);
+      if (v0 && !(v0 & 1) && loadAcquire(&h->pubVersion) == v0 && Coll(d.coll) != Coll::SendRecv &&
+          d.seq == desc.seq && !sameOp(d, desc)) {
+        fail("pycomm: mismatched collectives: rank " + std::to_string(rank_) + " called " +
+                 describe(desc) + " but rank " + std::to_string(r) + " called " + describe(d) +
+                 "; every rank must call the same collectives in the same order with the same "
+                 "sizes, dtypes, ops and algorithm",
+             2);
+      }
+    }
+  }
+}
+
+// Waits without burning a core another rank needs: spin briefly (a peer on another core
+// answers in well under a microsecond), then yield, then sleep.  With more ranks than
+// cores the yielding is what lets the rank we wait for run at all.
+class ShmTransport::Progress {
+ public:
+  Progress(ShmTransport& t, const OpDesc& desc, Clock::time_point deadline)
+      : t_(t), desc_(desc), deadline_(deadline), start_(Clock::now()) {}
+  void progressed() { idle_ = 0; }
+  void idle(int waitingOn) {
+    ++idle_;
+    if (idle_ < 512) {
+      cpuRelax();
+      return;
+    }
+    auto now = Clock::now();
+    if (now >= nextCheck_) {
+      t_.checkPeers(desc_, waitingOn);
+      nextCheck_ = now + std::chrono::milliseconds(5);
+    }
+    if (now >= deadline_) {
+      double s = std::chrono::duration<double>(now - start_).count();
+      std::ostringstream os;
+      os.precision(3);
+      os << "pycomm: " << describe(desc_) << " timed out after " << s << " s on rank " << t_.rank_
+         << " of " << t_.size_;
+      if (waitingOn >= 0)
+        os << ": waiting for rank " << waitingOn << " (" << t_.peerState(waitingOn) << ")";
+      t_.fail(os.str(), 1);
+    }
+    if (idle_ < 4096) {
+      sched_yield();
+    } else {
+      // Sleep longer the longer nothing happens, up to 200 us: a late peer costs little
+      // latency and an idle rank costs almost no CPU.
+      auto us = std::min<long>(200, 5 + (idle_ - 4096) / 16);
+      std::this_thread::sleep_for(std::chrono::microseconds(us));
+    }
+  }
+
+ private:
+  ShmTransport& t_;
+  const OpDesc& desc_;
+  Clock::time_point deadline_, start_, nextCheck_{};
+  long idle_ = 0;
+};
+
+namespace {
+
+// How many bytes of `t` its dependencies allow it to handle now (see plan.h).
+size_t allowedBytes(const std::vector<Task>& tasks, const Task& t) {
+  size_t allowed = t.bytes;
+  for (int i = 0; i < t.ndeps; ++i) {
+    const Task& d = tasks[t.deps[i]];
+    size_t a = d.bytes == t.bytes ? d.done : (d.done == d.bytes ? t.bytes : 0);
+    allowed = std::min(allowed, a);
+  }
+  return allowed;
+}
+
+}  // namespace
+
+void ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
+                           Clock::time_point deadline) {
+  if (!failure_.empty())
+    throw CommError("pycomm: this communicator failed earlier and cannot be used again "
+                    "(destroy it and create a new one): " + failure_);
+  auto& tasks = plan.tasks();
+  const size_t nch = size_t(size_) * opt_.lanes;
+  std::vector<std::vector<int>> sendQ(nch), recvQ(nch);
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    const Task& t = tasks[i];
+    if (t.peer < 0 || t.peer >= size_ || t.peer == rank_ || t.lane < 0 || t.lane >= opt_.lanes)
+      throw std::logic_error("plan names peer " + std::to_string(t.peer) + " lane " +
+                             std::to_string(t.lane));
+    (t.kind == Task::Send ? sendQ : recvQ)[size_t(t.peer) * opt_.lanes + t.lane].push_back(int(i));
+  }
+  std::vector<size_t> sHead(nch, 0), rHead(nch, 0);
+  size_t remaining = tasks.size();
+  const size_t esize = dtypeSize(reduceType);
+  Progress progress(*this, desc, deadline);
+
+  while (remaining) {
+    bool moved = false;
+    int waitingOn = -1;
+    for (size_t q = 0; q < nch; ++q) {
+      const int peer = int(q / opt_.lanes), lane = int(q % opt_.lanes);
+      while (sHead[q] < sendQ[q].size()) {
+        Task& t = tasks[sendQ[q][sHead[q]]];
+        if (t.done == t.bytes) {
+          ++sHead[q];
+          --remaining;
+          moved = true;
+          continue;
+        }
+        size_t allowed = allowedBytes(tasks, t);
+        if (allowed <= t.done) break;
+        size_t n = std::min(opt_.slotBytes, allowed - t.done);
+        if (!trySend(peer, lane, plan.descOf(t, desc), t.src + t.done, n)) {
+          if (waitingOn < 0) waitingOn = peer;
+          break;
+        }
+        t.done += n;
+        moved = true;
+      }
+      while (rHead[q] < recvQ[q].size()) {
+        Task& t = tasks[recvQ[q][rHead[q]]];
+        if (t.done == t.bytes) {
+          ++rHead[q];
+          --remaining;
+          moved = true;
+          continue;
+        }
+        Channel* c = channel(peer, rank_, lane);
+        uint64_t tail = recvTail_[q];
+        if (loadAcquire(&c->head) == tail) {
+          waitingOn = peer;
+          break;
+        }
+        const char* s = slot(peer, rank_, lane, tail);
+        const auto* ph = reinterpret_cast<const PieceHeader*>(s);
+        const OpDesc& want = plan.descOf(t, desc);
+        if (!sameOp(ph->desc, want))
+          fail("pycomm: mismatched collectives: rank " + std::to_string(rank_) + " called " +
+                   describe(want) + " but rank " + std::to_string(peer) + " called " +
+                   describe(ph->desc) +
+                   "; every rank must call the same collectives in the same order with the "
+                   "same sizes, dtypes, ops and algorithm",
+               2);
+        size_t n = ph->bytes;
+        if (n == 0 || n > t.bytes - t.done)
+          fail("pycomm: " + describe(desc) + ": rank " + std::to_string(peer) + " sent " +
+                   std::to_string(n) + " bytes where rank " + std::to_string(rank_) + " expected at most " +
+                   std::to_string(t.bytes - t.done),
+               2);
+        if (t.done + n > allowedBytes(tasks, t)) break;
+        if (t.kind == Task::RecvCopy)
+          std::memcpy(t.dst + t.done, s + kPieceHeader, n);
+        else
+          reduceInto(t.dst + t.done, t.src + t.done, s + kPieceHeader, n / esize, reduceType, op);
+        recvTail_[q] = tail + 1;
+        storeRelease(&c->tail, tail + 1);
+        t.done += n;
+        moved = true;
+      }
+    }
+    if (moved)
+      progress.progressed();
+    else
+      progress.idle(waitingOn);
+  }
+}
+
+}  // namespace pycomm

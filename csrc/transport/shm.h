@@ -1,0 +1,83 @@
+// Shared-memory transport for ranks on one host.
+//
+// Each rank owns one POSIX shared-memory segment (mode 0600) holding its control block and
+// its outgoing channels: for every (peer, lane) a ring of `slots` pieces of up to
+// `slotBytes` each, a head counter the sender advances and a tail counter the receiver
+// advances.  Receivers read (or reduce) pieces straight out of the sender's slots, so a
+// byte crosses shared memory once.  Slots are small enough to stay in cache between the
+// writer and the reader.
+//
+// Set-up is three steps driven by the Python layer through the rendezvous store: create
+// (own segment), attach (map every peer's), unlinkOwn (remove the name once every rank has
+// mapped it).  After set-up no name is left in /dev/shm, so a crash cannot leak a segment;
+// the mappings die with the processes.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "transport/transport.h"
+
+namespace pycomm {
+
+struct ShmOptions {
+  size_t slotBytes = 256 * 1024;  // payload of one piece
+  int slots = 4;                  // pieces in flight per (peer, lane)
+  int lanes = 2;                  // independent channels per peer (two trees)
+};
+
+class ShmTransport final : public Transport {
+ public:
+  // Creates this rank's segment under `name` (must start with '/', must not exist).
+  ShmTransport(int rank, int size, const std::string& name, ShmOptions opt);
+  ~ShmTransport() override;
+  ShmTransport(const ShmTransport&) = delete;
+  ShmTransport& operator=(const ShmTransport&) = delete;
+
+  // Maps every peer's segment; names[rank] is this rank's own.  Retries until `deadline`
+  // while a peer has not created its segment yet.
+  void attach(const std::vector<std::string>& names, Clock::time_point deadline);
+  void unlinkOwn();
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  int lanes() const override { return opt_.lanes; }
+  const char* name() const override { return "shm"; }
+  void execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
+               Clock::time_point deadline) override;
+  void publish(const OpDesc& desc) override;
+  void abort(const std::string& why) override;
+
+  size_t segmentBytes() const { return bytes_; }
+  const std::string& segmentName() const { return name_; }
+
+ private:
+  struct Mapping {
+    char* base = nullptr;
+    size_t bytes = 0;
+  };
+  struct Header;
+  struct Channel;
+  class Progress;
+
+  Header* header(int r) const;
+  Channel* channel(int owner, int dst, int lane) const;
+  char* slot(int owner, int dst, int lane, uint64_t index) const;
+  bool trySend(int peer, int lane, const OpDesc& desc, const char* data, size_t n);
+  void checkPeers(const OpDesc& desc, int waitingOn);  // throws if a peer died or gave up
+  std::string peerState(int peer) const;
+  [[noreturn]] void fail(const std::string& msg, int kind);
+
+  int rank_, size_;
+  ShmOptions opt_;
+  std::string name_;
+  bool unlinked_ = false;
+  size_t bytes_ = 0;
+  std::vector<Mapping> maps_;         // one per rank; maps_[rank_] is our own segment
+  std::vector<uint64_t> sendHead_;    // cached copies of the counters we own
+  std::vector<uint64_t> recvTail_;
+  std::string failure_;               // set once this communicator has failed
+};
+
+}  // namespace pycomm

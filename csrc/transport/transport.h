@@ -1,0 +1,38 @@
+// The transport interface: everything an algorithm needs from the wires between ranks.
+//
+// An algorithm turns a collective into a Plan (algorithms/); a transport executes plans.
+// Because plans name only peers, buffers and dependencies, every algorithm runs on every
+// transport.  Transports also own failure detection: a transport is told its deadline and
+// raises TimeoutError naming the rank it waited for, or CommError when a peer died or gave
+// up, and it lets peers know when this rank gives up (abort).
+#pragma once
+
+#include <string>
+
+#include "algorithms/plan.h"
+#include "common.h"
+
+namespace pycomm {
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual int lanes() const = 0;  // how many independent channels per peer a plan may use
+  virtual const char* name() const = 0;
+
+  // Runs `plan` to completion.  `desc` identifies the collective (checked against what the
+  // peers send); `reduceType`/`op` say how RecvReduce tasks combine bytes.
+  virtual void execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
+                       Clock::time_point deadline) = 0;
+
+  // Called once the Python layer knows the call is valid, before execute: peers waiting on
+  // this rank can then see which collective it is in.
+  virtual void publish(const OpDesc& desc) = 0;
+
+  // Gives up: peers blocked on this rank fail promptly with `why` instead of timing out.
+  virtual void abort(const std::string& why) = 0;
+};
+
+}  // namespace pycomm
