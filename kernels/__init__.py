@@ -5,3 +5,6 @@ from .fused_add_mul import fused_add_mul
 from .layer_norm import layer_norm
 from .rms_norm import rms_norm
 from .swiglu import swiglu
+from .cross_entropy import softmax_cross_entropy
+from .matmul import matmul
+from .flash_attention import flash_attention
