@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Union
 
 __all__ = [
     "Kind",
@@ -307,8 +307,3 @@ def build_schedule(name: str, stages: int, microbatches: int, virtual: int = 1) 
             )
         return gpipe(stages, microbatches) if name == "gpipe" else one_f_one_b(stages, microbatches)
     raise ValueError(f"unknown pipeline schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}")
-
-
-def compute_actions(program: Sequence[Step]) -> list[Action]:
-    """The computations of one rank's program, in order (messages dropped)."""
-    return [s for s in program if isinstance(s, Action) and s.kind.is_compute]
