@@ -1,10 +1,25 @@
-"""pycomm kernels: fused Triton ops with autograd, usable from eager PyTorch and torch.compile."""
+"""pycomm kernels: fused Triton ops with forward and backward kernels, registered as
+``torch.library`` custom ops (autograd, ``torch.compile(fullgraph=True)``).
+
+Each op runs its Triton kernels on CUDA tensors (or on CPU tensors under Triton's interpreter,
+``TRITON_INTERPRET=1``) and a PyTorch fallback otherwise; ``PYCOMM_KERNELS_BACKEND`` overrides
+the choice (see ``kernels/_dispatch.py`` and docs/kernels.md).
+"""
+from . import nn
+from ._dispatch import backend
 from .add_rms_norm import add_rms_norm
 from .bias_gelu import bias_gelu
+from .cross_entropy import softmax_cross_entropy
+from .flash_attention import flash_attention
 from .fused_add_mul import fused_add_mul
 from .layer_norm import layer_norm
+from .matmul import matmul
+from .patch import patch
+from .qkv_attention import qkv_attention
 from .rms_norm import rms_norm
 from .swiglu import swiglu
-from .cross_entropy import softmax_cross_entropy
-from .matmul import matmul
-from .flash_attention import flash_attention
+
+__all__ = [
+    "add_rms_norm", "backend", "bias_gelu", "flash_attention", "fused_add_mul", "layer_norm", "matmul", "nn",
+    "patch", "qkv_attention", "rms_norm", "softmax_cross_entropy", "swiglu",
+]
