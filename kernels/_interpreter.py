@@ -16,6 +16,10 @@ ways, and each difference is handled here and nowhere else:
   tensor in the interpreter, and the next ``tl`` call on it fails with "cannot convert ... to
   tensor".  Module constants in ``kernels/_activations.py`` are therefore always written on the
   right of a product (``x * _C``); compiled code is identical either way.
+* The interpreter converts float32 to bfloat16 by truncation (``InterpreterBuilder.cast_impl``
+  passes no rounding mode), so every bf16 store could be off by one ulp where a GPU rounds to
+  nearest even.  ``_patch_bf16_rounding`` replaces that one conversion with round-to-nearest-even
+  so interpreted results match compiled ones.
 * The interpreter cannot query the number of SMs; ``num_sms`` returns a small stand-in so grids of
   persistent-style kernels stay small (each interpreted program costs about a millisecond).
 """
@@ -27,6 +31,37 @@ import torch
 import triton
 
 INTERPRETING: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _patch_bf16_rounding() -> None:
+    """Make the interpreter's fp32 -> bf16 cast round to nearest even, as compiled Triton does."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    builder = getattr(interp, "InterpreterBuilder", None)
+    original = getattr(builder, "cast_impl", None)
+    if original is None or getattr(original, "_pycomm_rtne", False):
+        return  # a Triton without this hook, or already patched
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            nan = np.isnan(src.data)
+            rounded = np.where(nan, np.uint16(0x7FC0), rounded)  # keep NaN a NaN after rounding
+            return interp.TensorHandle(rounded.reshape(np.shape(src.data)), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    cast_impl._pycomm_rtne = True
+    builder.cast_impl = cast_impl
+    # The create_* aliases captured the original function at class creation; repoint the ones
+    # that reach fp32 -> bf16.
+    builder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
+
+
+if INTERPRETING:
+    _patch_bf16_rounding()
 
 
 def autotune(configs, key, interpreter_config):
