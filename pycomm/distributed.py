@@ -129,7 +129,9 @@ def _make_store(rank: int, world_size: int, init_method: str | None, timeout: da
                 "pycomm.init_process_group: no init_method and MASTER_ADDR/MASTER_PORT are not "
                 "set; run under torchrun, or pass init_method='tcp://host:port' or 'file:///path'"
             )
-        return dist.TCPStore(addr, int(port), world_size, rank == 0, timeout=timeout)
+        # torchrun's agent already serves the store on MASTER_PORT: connect as clients.
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        return dist.TCPStore(addr, int(port), world_size, rank == 0 and not agent, timeout=timeout)
     url = urllib.parse.urlparse(init_method)
     if url.scheme == "tcp":
         if not url.hostname or not url.port:
