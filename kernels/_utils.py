@@ -85,3 +85,8 @@ def broadcast_layout(shape: Sequence[int], tensors: Sequence[torch.Tensor], max_
         return None
     pad = max_dims - len(sizes)
     return [1] * pad + sizes, [[0] * pad + st for st in strides]
+
+
+def flatten_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D (rows, last dim) tensor; unlike ``reshape(-1, N)`` this also works for N == 0."""
+    return t.reshape(prod(t.shape[:-1]), t.shape[-1])

@@ -83,7 +83,7 @@ def _tiles(M, N):
 
 def _fwd(x, bias, activation):
     N = x.shape[-1]
-    x2 = x.reshape(-1, N)
+    x2 = _utils.flatten_rows(x)
     if N > 0 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -103,8 +103,8 @@ def _bwd(g, x, bias, activation):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return dx, torch.zeros_like(bias)
-    x2 = x.reshape(-1, N)
-    g2 = g.reshape(-1, N)
+    x2 = _utils.flatten_rows(x)
+    g2 = _utils.flatten_rows(g)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     g2 = g2 if g2.stride(1) == 1 else g2.contiguous()
     M = x2.shape[0]
@@ -131,7 +131,7 @@ def _torch_fwd(x, bias, activation):
 
 def _torch_bwd(g, x, bias, activation):
     dz = g.float() * _activations.torch_derivative(x.float() + bias.float(), activation)
-    return dz.to(x.dtype).contiguous(), dz.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype)
+    return dz.to(x.dtype).contiguous(), _utils.flatten_rows(dz).sum(0).to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,9 +41,10 @@ def _cross_entropy_fwd_kernel(
         mask = start + cols < V
         x = tl.load(base + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, x)
-        # A lane that has only seen -inf keeps s = 0 (avoids exp(-inf - -inf) = nan).
-        alive = m_new > float("-inf")
-        s = tl.where(alive, s * tl.exp(m - m_new) + tl.exp(x - m_new), 0.0)
+        # A lane that has only seen -inf (padding past V) would compute exp(-inf - -inf) = nan;
+        # shifting by 0 there instead keeps it at s = 0.
+        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+        s = s * tl.exp(m - shift) + tl.exp(x - shift)
         m = m_new
     m_row = tl.max(m, axis=0)
     s_row = tl.sum(tl.where(m > float("-inf"), s * tl.exp(m - m_row), 0.0), axis=0)
@@ -210,7 +211,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits has 0 classes in its last dimension")
-    logits2 = logits.reshape(-1, V)
+    logits2 = _utils.flatten_rows(logits)
     if logits2.stride(1) != 1:
         logits2 = logits2.contiguous()
     target1 = target.reshape(-1).to(torch.int64)

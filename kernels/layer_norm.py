@@ -78,7 +78,7 @@ def _layer_norm_bwd_kernel(
 
 
 def _rows(t, N):
-    t2 = t.reshape(-1, N)
+    t2 = _utils.flatten_rows(t)
     return t2 if (N == 0 or t2.stride(1) == 1) else t2.contiguous()
 
 
@@ -135,8 +135,8 @@ def _torch_bwd(gy, x, weight, mean, rstd):
     wg = g * weight.float()
     dx = (wg - wg.mean(-1, keepdim=True) - xhat * (xhat * wg).mean(-1, keepdim=True)) * rstd[..., None]
     N = x.shape[-1]
-    dw = (g * xhat).reshape(-1, N).sum(0)
-    db = g.reshape(-1, N).sum(0)
+    dw = _utils.flatten_rows(g * xhat).sum(0)
+    db = _utils.flatten_rows(g).sum(0)
     return dx.to(x.dtype).contiguous(), dw.to(weight.dtype), db.to(weight.dtype)
 
 

@@ -275,7 +275,7 @@ def matmul(
         if bias.shape != (N,):
             raise ValueError(f"bias must have shape ({N},) (the columns of b), got {tuple(bias.shape)}")
     check_activation(activation)
-    a2 = a.reshape(-1, K)
+    a2 = _utils.flatten_rows(a)
     act = _activations.constexpr_name(activation)
     # z is only worth saving when an activation must be differentiated.
     save_preact = act != "none" and torch.is_grad_enabled() and (

@@ -85,7 +85,7 @@ def _rms_norm_bwd_kernel(
 
 
 def _rows(t, N):
-    t2 = t.reshape(-1, N)
+    t2 = _utils.flatten_rows(t)
     return t2 if (N == 0 or t2.stride(1) == 1) else t2.contiguous()
 
 
@@ -149,7 +149,7 @@ def _torch_bwd(gy, gh, x, weight, rstd):
     dx = (wg - xhat * (xhat * wg).mean(-1, keepdim=True)) * rstd[..., None]
     if gh is not None:
         dx = dx + gh.float()
-    dw = (gy.float() * xhat).reshape(-1, x.shape[-1]).sum(0)
+    dw = _utils.flatten_rows(gy.float() * xhat).sum(0)
     return dx.to(x.dtype).contiguous(), dw.to(weight.dtype)
 
 
