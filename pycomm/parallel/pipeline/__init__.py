@@ -6,7 +6,8 @@ an event simulator (``simulate``) and drawings (``plot``).
     r.bubble_fraction, r.bubble_overhead, r.peak_activations
     r.plot("1f1b.png"); print(r.grid())
 
-The runtime consumes ``add_communication(build_schedule(...)).actions[rank]``.
+The runtime (``runtime.Pipeline``, imports torch and pycomm) consumes
+``add_communication(build_schedule(...)).actions[rank]``; ``stages.partition`` splits layers.
 """
 from .schedules import (
     SCHEDULES,
@@ -27,6 +28,7 @@ from .comm import add_communication
 from .simulate import SimulationResult, TimedAction, simulate, simulate_schedule
 from .table import bubble_table
 from .validate import find_problems, validate
+from .stages import local_stages, partition
 
 __all__ = [
     "SCHEDULES",
@@ -50,4 +52,17 @@ __all__ = [
     "simulate",
     "simulate_schedule",
     "validate",
+    "partition",
+    "local_stages",
+    "Pipeline",
+    "StepStats",
 ]
+
+
+def __getattr__(name):
+    # The runtime needs torch and pycomm's extension; schedules and the simulator stay pure Python.
+    if name in ("Pipeline", "StepStats"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
