@@ -142,3 +142,82 @@ def load(path: os.PathLike | str | None = None) -> CostModel:
     if not all(math.isfinite(x) and x > 0 for x in (m.alpha, m.beta, m.gamma)):
         return CostModel()
     return m
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def _measure_rank(sizes: list[int], iters_budget: float) -> list[dict] | None:
+    """On every rank: time ring all_gather and ring all_reduce over `sizes` (bytes)."""
+    import time
+
+    import torch
+
+    import pycomm
+
+    rows = []
+    for nbytes in sizes:
+        count = max(nbytes // 4, pycomm.get_world_size())
+        count -= count % pycomm.get_world_size()
+        for coll in ("all_gather", "all_reduce"):
+            buf = torch.ones(count)
+            block = torch.ones(count // pycomm.get_world_size())
+            fn = ((lambda: pycomm.all_reduce(buf, algorithm="ring")) if coll == "all_reduce"
+                  else (lambda: pycomm.all_gather(buf, block, algorithm="ring")))
+            for _ in range(3):
+                fn()
+            iters = max(3, min(500, int(iters_budget / max(count * 4 * 2e-10, 2e-5))))
+            pycomm.barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            t = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64)
+            pycomm.all_reduce(t, op="max")
+            rows.append(dict(collective=coll, bytes=count * 4, seconds=t.item()))
+    return rows if pycomm.get_rank() == 0 else None
+
+
+def fit(rows: list[dict], p: int, source: str = "fit") -> CostModel:
+    """Joint least-squares fit of alpha, beta and gamma to ring all_gather and ring
+    all_reduce times (the first has no reduction, which separates beta from gamma).
+    Weighted by 1/time, so small sizes (which fix alpha) count as much as large ones."""
+    import numpy as np
+
+    f = (p - 1) / p
+    design, times = [], []
+    for r in rows:
+        n = float(r["bytes"])
+        if r["collective"] == "all_gather":
+            design.append([p - 1, f * n, 0.0])
+        else:
+            design.append([2 * (p - 1), 2 * f * n, f * n])
+        times.append(r["seconds"])
+    a, t = np.array(design), np.array(times)
+    (alpha, beta, gamma), *_ = np.linalg.lstsq(a / t[:, None], np.ones_like(t), rcond=None)
+    # A negative constant means the machine did better than the model can say (caches):
+    # keep it positive and small rather than let it flip the choice.
+    return CostModel(alpha=float(max(alpha, 1e-7)), beta=float(max(beta, 1e-12)),
+                     gamma=float(max(gamma, 1e-12)), source=source)
+
+
+def tune(nprocs: int = 2, path: os.PathLike | str | None = None, max_bytes: int = 16 << 20) -> tuple[CostModel, Path]:
+    """Measures this machine on `nprocs` local processes, fits the model and saves it."""
+    import datetime
+    import platform
+
+    import pycomm.launch
+
+    sizes, s = [], 8
+    while s <= max_bytes:
+        sizes.append(s)
+        s *= 4
+    rows = pycomm.launch.run(_measure_rank, nprocs, args=(sizes, 0.05), collective_timeout=120)[0]
+    out = Path(path) if path is not None else default_path()
+    model = fit(rows, nprocs, source=str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "model": {"alpha": model.alpha, "beta": model.beta, "gamma": model.gamma},
+        "nprocs": nprocs, "host": platform.node(), "cpus": os.cpu_count(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "measurements": rows,
+    }, indent=1))
+    return model, out

@@ -1,0 +1,303 @@
+"""nccl-tests-style benchmark of pycomm's collectives against torch.distributed's gloo.
+
+    python -m bench [--nprocs 2] [-b 8] [-e 64M] [-f 4] [--dtype float32]
+                    [--algorithms ring,tree,auto] [--ops all_reduce,reduce_scatter,all_gather]
+                    [--iters N] [--warmup N] [--no-gloo] [--json PATH] [--plot PATH]
+
+Rows follow nccl-tests: size (bytes of the whole buffer: the all-reduce tensor, the
+reduce-scatter input, the all-gather output), count (elements of that buffer), type, redop,
+algorithm, time (us, slowest rank, mean over iterations), algbw = size / time and busbw =
+algbw x 2(n-1)/n for all-reduce, x (n-1)/n for reduce-scatter and all-gather (GB = 1e9 B),
+and #wrong: elements that differ from the exact expected result (inputs are small integers,
+so every result is exact).  Gloo runs the same sizes in the same processes, in the same
+run, and the last columns give its time, busbw and pycomm's speed-up over it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+OPS = ("all_reduce", "reduce_scatter", "all_gather")
+BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
+              "all_gather": lambda n: (n - 1) / n}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if text and text[-1] in mult:
+        return int(float(text[:-1]) * mult[text[-1]])
+    return int(text)
+
+
+def _sizes(begin: int, end: int, factor: float) -> list[int]:
+    sizes, s = [], begin
+    while s <= end:
+        sizes.append(int(s))
+        s = s * factor if factor > 1 else s + begin
+    return sizes
+
+
+def _iters_for(nbytes: int, requested: int | None) -> int:
+    if requested:
+        return requested
+    # About 0.1-0.3 s per measurement on a CPU: many iterations for latency-bound sizes.
+    return max(3, min(200, int(2e8 / max(nbytes, 1) ** 0.9) // 40))
+
+
+def _verifiable(op, rank, n_ranks, count, dtype):
+    """(input, output, expected) with small-integer values so results are exact."""
+    import torch
+
+    def block(r, n):
+        return ((torch.arange(n) * 7 + r * 3) % 17).to(dtype)
+
+    if op == "all_reduce":
+        inp = block(rank, count)
+        return inp, inp, sum(block(r, count).double() for r in range(n_ranks)).to(dtype)
+    if op == "reduce_scatter":
+        per = count // n_ranks
+        total = sum(block(r, count).double() for r in range(n_ranks)).to(dtype)
+        return block(rank, count), torch.empty(per, dtype=dtype), total[rank * per:(rank + 1) * per]
+    per = count // n_ranks
+    return (block(rank, per), torch.empty(count, dtype=dtype),
+            torch.cat([block(r, per) for r in range(n_ranks)]))
+
+
+def _rank_main(cfg: dict):
+    """Runs on every rank (pycomm initialised by pycomm.launch); rank 0 returns the rows."""
+    import torch
+    import torch.distributed as dist
+
+    import pycomm
+
+    rank, n = pycomm.get_rank(), pycomm.get_world_size()
+    dtype = getattr(torch, cfg["dtype"])
+    esize = torch.tensor([], dtype=dtype).element_size()
+    if cfg["gloo"]:
+        dist.init_process_group("gloo", init_method=f"file://{cfg['gloo_store']}", rank=rank,
+                                world_size=n, timeout=datetime.timedelta(seconds=300))
+
+    def slowest(seconds: float) -> float:
+        t = torch.tensor([seconds], dtype=torch.float64)
+        pycomm.all_reduce(t, op="max")
+        return t.item()
+
+    def timed(fn, iters, warmup):
+        for _ in range(warmup):
+            fn()
+        pycomm.barrier()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return slowest((time.perf_counter() - start) / iters)
+
+    progress = None
+    tasks = [(op, size) for op in cfg["ops"] for size in cfg["sizes"]]
+    if rank == 0 and cfg["progress"]:
+        from rich.progress import Progress
+
+        progress = Progress(transient=True)
+        progress.start()
+        bar = progress.add_task(f"collectives on {n} ranks", total=len(tasks))
+    rows = []
+    try:
+        for op, size in tasks:
+            count = max(size // esize, 1)
+            if op != "all_reduce":
+                count = max(count // n, 1) * n  # whole blocks per rank
+            nbytes = count * esize
+            iters = _iters_for(nbytes, cfg["iters"])
+            inp, out, want = _verifiable(op, rank, n, count, dtype)
+            row_gloo = None
+            if cfg["gloo"]:
+                g_in, g_out = inp.clone(), out.clone()
+                gfn = {
+                    "all_reduce": lambda: dist.all_reduce(g_in),
+                    "reduce_scatter": lambda: dist.reduce_scatter_tensor(g_out, g_in),
+                    "all_gather": lambda: dist.all_gather_into_tensor(g_out, g_in),
+                }[op]
+                try:
+                    row_gloo = timed(gfn, iters, cfg["warmup"])
+                except RuntimeError as e:  # an op gloo does not implement
+                    row_gloo = str(e).splitlines()[0]
+            for algorithm in cfg["algorithms"]:
+                src = inp.clone()
+                if op == "all_reduce":
+                    fn = lambda: pycomm.all_reduce(src, algorithm=algorithm)  # noqa: E731
+                elif op == "reduce_scatter":
+                    fn = lambda: pycomm.reduce_scatter(out, src, algorithm=algorithm)  # noqa: E731
+                else:
+                    fn = lambda: pycomm.all_gather(out, src, algorithm=algorithm)  # noqa: E731
+                seconds = timed(fn, iters, cfg["warmup"])
+                # Check once, outside the timing, on fresh inputs.
+                chk_in, chk_out, chk_want = _verifiable(op, rank, n, count, dtype)
+                if op == "all_reduce":
+                    pycomm.all_reduce(chk_in, algorithm=algorithm)
+                    chk_out = chk_in
+                elif op == "reduce_scatter":
+                    pycomm.reduce_scatter(chk_out, chk_in, algorithm=algorithm)
+                else:
+                    pycomm.all_gather(chk_out, chk_in, algorithm=algorithm)
+                wrong = torch.tensor([int((chk_out != chk_want).sum())], dtype=torch.int64)
+                pycomm.all_reduce(wrong)
+                chosen = algorithm
+                if algorithm == "auto":
+                    chosen = "auto:" + pycomm.get_cost_model().choose(op, nbytes, n)
+                algbw = nbytes / seconds / 1e9
+                row = dict(op=op, size=nbytes, count=count, type=cfg["dtype"],
+                           redop="sum" if op != "all_gather" else "none", algorithm=chosen,
+                           time_us=seconds * 1e6, algbw=algbw, busbw=algbw * BUS_FACTOR[op](n),
+                           wrong=int(wrong.item()), iters=iters)
+                if isinstance(row_gloo, float):
+                    row.update(gloo_time_us=row_gloo * 1e6,
+                               gloo_busbw=nbytes / row_gloo / 1e9 * BUS_FACTOR[op](n),
+                               speedup=row_gloo / seconds)
+                elif row_gloo is not None:
+                    row.update(gloo_error=row_gloo)
+                rows.append(row)
+            if progress:
+                progress.advance(bar)
+    finally:
+        if progress:
+            progress.stop()
+        if cfg["gloo"]:
+            dist.destroy_process_group()
+    return rows if rank == 0 else None
+
+
+def format_table(rows: list[dict], nprocs: int) -> str:
+    out = []
+    for op in OPS:
+        sel = [r for r in rows if r["op"] == op]
+        if not sel:
+            continue
+        out.append(f"# {op} on {nprocs} processes ({sel[0]['type']})")
+        out.append(f"#{'size':>11} {'count':>10} {'type':>8} {'redop':>5} {'algo':>10} {'time(us)':>10} "
+                   f"{'algbw':>7} {'busbw':>7} {'#wrong':>6} | {'gloo(us)':>10} {'busbw':>7} {'speedup':>7}")
+        for r in sel:
+            gloo = (f"{r['gloo_time_us']:10.1f} {r['gloo_busbw']:7.2f} {r['speedup']:6.1f}x"
+                    if "gloo_time_us" in r else f"{'n/a':>10} {'':>7} {'':>7}")
+            out.append(f" {r['size']:11d} {r['count']:10d} {r['type']:>8} {r['redop']:>5} {r['algorithm']:>10} "
+                       f"{r['time_us']:10.1f} {r['algbw']:7.2f} {r['busbw']:7.2f} {r['wrong']:6d} | {gloo}")
+        wrong = sum(r["wrong"] for r in sel)
+        out.append(f"# Out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}")
+        out.append(f"# Avg bus bandwidth    : {sum(r['busbw'] for r in sel) / len(sel):.3f} GB/s")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    fig, axes = plt.subplots(1, len(ops), figsize=(5.5 * len(ops), 4.2), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        sel = [r for r in rows if r["op"] == op]
+        for algo in dict.fromkeys(r["algorithm"].split(":")[0] for r in sel):
+            pts = [(r["size"], r["busbw"]) for r in sel if r["algorithm"].split(":")[0] == algo]
+            ax.plot(*zip(*pts), marker="o", label=f"pycomm {algo}")
+        seen = {}
+        for r in sel:
+            if "gloo_busbw" in r:
+                seen[r["size"]] = r["gloo_busbw"]
+        if seen:
+            ax.plot(list(seen), list(seen.values()), marker="s", color="black", linestyle="--", label="gloo")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("size (bytes)")
+        ax.set_ylabel("busbw (GB/s)")
+        ax.set_title(op)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nprocs", "-n", type=int, default=2, help="local processes (default 2)")
+    p.add_argument("--begin", "-b", type=parse_size, default=8, help="smallest size, e.g. 8, 64K (default 8)")
+    p.add_argument("--end", "-e", type=parse_size, default=64 << 20, help="largest size (default 64M)")
+    p.add_argument("--factor", "-f", type=float, default=4, help="size multiplier (default 4)")
+    p.add_argument("--dtype", "-d", default="float32",
+                   choices=["float32", "float64", "int32", "int64", "uint8"])
+    p.add_argument("--algorithms", "-a", default="ring,tree",
+                   help="comma-separated: ring, tree, auto (default ring,tree)")
+    p.add_argument("--ops", "-o", default=",".join(OPS), help="comma-separated collectives")
+    p.add_argument("--iters", "-i", type=int, default=None, help="iterations per size (default: by size)")
+    p.add_argument("--warmup", "-w", type=int, default=3)
+    p.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
+    p.add_argument("--json", metavar="PATH", help="write the rows and the machine to a JSON file")
+    p.add_argument("--plot", metavar="PATH", default="bench/out/collectives.png",
+                   help="PNG of busbw against size (default bench/out/collectives.png; '' for none)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def machine() -> dict:
+    import torch
+
+    import pycomm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(host=platform.node(), cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
+                torch=torch.__version__, pycomm=pycomm.__version__,
+                date=datetime.datetime.now().isoformat(timespec="seconds"))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import tempfile
+
+    import pycomm.launch
+
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    bad = [o for o in ops if o not in OPS] + [a for a in algorithms if a not in ("ring", "tree", "auto")]
+    if bad:
+        print(f"unknown collective or algorithm: {bad}", file=sys.stderr)
+        return 2
+    info = machine()
+    print(f"# pycomm collectives benchmark: {args.nprocs} processes, {info['cpu']} ({info['cores']} cores), "
+          f"torch {info['torch']}, {info['date']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="pycomm-bench-") as tmp:
+        cfg = dict(dtype=args.dtype, sizes=_sizes(args.begin, args.end, args.factor), ops=ops,
+                   algorithms=algorithms, iters=args.iters, warmup=args.warmup, gloo=not args.no_gloo,
+                   gloo_store=os.path.join(tmp, "gloo"), progress=not args.no_progress)
+        rows = pycomm.launch.run(_rank_main, args.nprocs, args=(cfg,), collective_timeout=300)[0]
+    print(format_table(rows, args.nprocs))
+    for op in ops:
+        for target in (16 << 20, 64 << 20):
+            sel = [r for r in rows if r["op"] == op and r["size"] == target and "speedup" in r]
+            for r in sel:
+                print(f"{op} {target >> 20} MiB {r['algorithm']}: busbw {r['busbw']:.2f} GB/s, "
+                      f"{r['speedup']:.1f}x gloo ({r['gloo_busbw']:.2f} GB/s)")
+    small = [r for r in rows if r["op"] == "all_reduce" and r["size"] == 8 and "speedup" in r]
+    for r in small:
+        print(f"all_reduce 8 B {r['algorithm']}: {r['time_us']:.1f} us vs gloo {r['gloo_time_us']:.1f} us "
+              f"({r['gloo_time_us'] / r['time_us']:.1f}x lower latency)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=info, nprocs=args.nprocs, rows=rows), f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot, f"pycomm vs gloo, {args.nprocs} processes, {info['cpu']}")
+        print(f"wrote {args.plot}")
+    return 0 if all(r["wrong"] == 0 for r in rows) else 1

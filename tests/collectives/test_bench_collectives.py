@@ -1,0 +1,24 @@
+"""The collectives benchmark runs end to end: tables, #wrong, JSON and plot."""
+import json
+import subprocess
+import sys
+
+
+def test_bench_collectives_end_to_end(tmp_path):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "-n", "2", "-b", "8", "-e", "64K", "-f", "64", "-i", "3",
+         "-a", "ring,tree,auto", "--no-progress", "--json", str(js), "--plot", str(png)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for op in ("all_reduce", "reduce_scatter", "all_gather"):
+        assert f"# {op} on 2 processes" in proc.stdout
+    assert "Out of bounds values : 0 OK" in proc.stdout
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"all_reduce", "reduce_scatter", "all_gather"}
+    assert all(r["wrong"] == 0 and r["busbw"] > 0 and "gloo_time_us" in r for r in rows)
+    # busbw factors of nccl-tests, n = 2
+    for r in rows:
+        factor = 1.0 if r["op"] == "all_reduce" else 0.5
+        assert abs(r["busbw"] - r["algbw"] * factor) < 1e-9
+    assert png.stat().st_size > 10_000
