@@ -1,0 +1,280 @@
+"""Train a tiny GPT with any mix of data, tensor and pipeline parallelism on CPU processes.
+
+    python examples/train_gpt.py --dp 2 --tp 2 --pp 1 --steps 20
+    python examples/train_gpt.py --pp 2 --schedule interleaved_1f1b --microbatches 4 --timeline t.png
+    torchrun --nproc-per-node 4 examples/train_gpt.py --tp 2 --pp 2      # uses RANK/WORLD_SIZE
+
+Without RANK in the environment it starts its own dp*tp*pp local processes (pycomm.launch.run).
+Global rank 0 prints ``step N loss X``.  With the same seed in float32 every parallel shape
+trains the same model on the same data, so the losses match the single-process run (dp=tp=pp=1)
+at every step up to float32 rounding (the tests check 1e-4 relative).
+
+Composition, one function per parallelism, applied in this order (see docs/parallel.md):
+
+1. ``build_layers``: the model as a flat list of layers [embedding, blocks..., head], built
+   with tensor-parallel layers on the tp group (every rank draws the full initialisation with
+   the same seed and keeps its shard, so every shape starts from the same weights);
+2. ``apply_pipeline``: keep this pipeline rank's stages (``pipeline.partition``: uneven
+   counts allowed) and wrap them in the runtime with the chosen schedule;
+3. ``apply_data_parallel``: average gradients over the dp group (``DataParallel``, synced once
+   per step after the pipeline's micro-batches), or shard the optimizer with ``--zero``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+import pycomm
+import pycomm.launch
+from pycomm import parallel
+from pycomm.parallel import pipeline
+
+
+@dataclass
+class GPTConfig:
+    vocab: int = 64
+    """Vocabulary size (a multiple of tp)."""
+    seq: int = 16
+    """Tokens per sequence."""
+    hidden: int = 32
+    """Model width."""
+    heads: int = 4
+    """Query heads (a multiple of tp)."""
+    kv_heads: int = 2
+    """Key/value heads, grouped-query attention (a multiple of tp)."""
+    layers: int = 4
+    """Transformer blocks; the pipeline splits blocks + embedding + head."""
+    ffn: int = 128
+    """MLP hidden width (a multiple of tp)."""
+    dropout: float = 0.0
+    """Dropout; 0 for runs that must match across shapes."""
+
+
+@dataclass
+class TrainConfig:
+    dp: int = 1
+    """Data-parallel degree."""
+    tp: int = 1
+    """Tensor-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    schedule: str = "1f1b"
+    """Pipeline schedule: gpipe, 1f1b or interleaved_1f1b."""
+    microbatches: int = 4
+    """Micro-batches per step, per data-parallel replica."""
+    virtual: int = 2
+    """Model chunks per pipeline rank for interleaved_1f1b."""
+    steps: int = 20
+    """Optimizer steps."""
+    batch: int = 16
+    """Global batch (sequences per step), split over dp then micro-batches."""
+    lr: float = 3e-3
+    """AdamW learning rate."""
+    seed: int = 0
+    """Seed of the model and the data."""
+    zero: bool = False
+    """Shard the optimizer state over dp (ZeRO-1) instead of all-reducing gradients."""
+    checkpoint: bool = False
+    """Activation checkpointing on every pipeline stage."""
+    timeline: str | None = None
+    """Write the measured pipeline timeline of the last step to this PNG."""
+    quiet: bool = False
+    """Do not print the per-step lines."""
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class Embedding(nn.Module):
+    """Token embedding (vocabulary-parallel) plus learned positions (replicated)."""
+
+    def __init__(self, cfg: GPTConfig, group):
+        super().__init__()
+        self.tok = parallel.VocabParallelEmbedding(cfg.vocab, cfg.hidden, group=group)
+        self.pos = nn.Embedding(cfg.seq, cfg.hidden)
+        self.dropout = cfg.dropout
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        return parallel.dropout(x, self.dropout, self.training, sharded=False)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig, group):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.hidden)
+        self.attn = parallel.ParallelSelfAttention(cfg.hidden, cfg.heads, cfg.kv_heads, attn_dropout=cfg.dropout,
+                                                   dropout=cfg.dropout, group=group)
+        self.ln2 = nn.LayerNorm(cfg.hidden)
+        self.mlp = parallel.ParallelMLP(cfg.hidden, cfg.ffn, dropout=cfg.dropout, group=group)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Head(nn.Module):
+    """Final norm and the vocabulary-parallel output projection: logits of this rank's slice."""
+
+    def __init__(self, cfg: GPTConfig, group):
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.hidden)
+        self.out = parallel.ColumnParallelLinear(cfg.hidden, cfg.vocab, bias=False, group=group)
+
+    def forward(self, x):
+        return self.out(self.ln(x))
+
+
+def build_layers(cfg: GPTConfig, tp_group) -> list[nn.Module]:
+    """[Embedding, Block x layers, Head], in the same order of random draws at every shape."""
+    return [Embedding(cfg, tp_group)] + [Block(cfg, tp_group) for _ in range(cfg.layers)] + [Head(cfg, tp_group)]
+
+
+def batch_for_step(cfg: GPTConfig, step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic language: each sequence follows ``t -> (a*t + c) mod vocab`` from a random
+    start, with 10% of tokens replaced by noise; learnable, and the same on every rank."""
+    g = torch.Generator().manual_seed(seed * 100003 + step)
+    a, c = 5, 3
+    start = torch.randint(0, cfg.vocab, (batch, 1), generator=g)
+    seq = [start]
+    for _ in range(cfg.seq):
+        seq.append((a * seq[-1] + c) % cfg.vocab)
+    tokens = torch.cat(seq, dim=1)
+    noise = torch.rand(tokens.shape, generator=g) < 0.1
+    tokens = torch.where(noise, torch.randint(0, cfg.vocab, tokens.shape, generator=g), tokens)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+# ---------------------------------------------------------------------------- composition
+
+
+def apply_pipeline(layers, tc: TrainConfig, mesh):
+    """This pipeline rank's stages wrapped in the runtime; returns (runtime, local layers by
+    global index)."""
+    virtual = tc.virtual if tc.schedule == "interleaved_1f1b" else 1
+    ranges = pipeline.partition(len(layers), mesh.pp * virtual)
+    mine = pipeline.local_stages(mesh.pp_rank, mesh.pp, virtual)
+    stages = {s: nn.Sequential(*[layers[i] for i in ranges[s]]) for s in mine}
+    local = nn.ModuleDict({str(i): layers[i] for s in mine for i in ranges[s]})
+    tp_group = mesh.tp_group
+
+    def loss_fn(logits, targets):
+        return parallel.vocab_parallel_cross_entropy(logits, targets, tp_group).mean()
+
+    runtime = pipeline.Pipeline(stages, tc.schedule, tc.microbatches, loss_fn, mesh.pp_group,
+                                virtual=virtual, checkpoint=tc.checkpoint)
+    return runtime, local
+
+
+def apply_data_parallel(local: nn.Module, tc: TrainConfig, mesh):
+    """(module whose gradients get averaged or None, optimizer)."""
+    if tc.zero:
+        return None, parallel.ZeroRedundancyOptimizer(local.parameters(), torch.optim.AdamW,
+                                                      group=mesh.dp_group, lr=tc.lr)
+    dp = parallel.DataParallel(local, group=mesh.dp_group)
+    return dp, torch.optim.AdamW(local.parameters(), lr=tc.lr)
+
+
+def train(tc: TrainConfig, cfg: GPTConfig | None = None, load_state: dict | None = None,
+          return_state: bool = False) -> dict:
+    """Runs on every rank (pycomm initialised); returns the per-step losses and timings.
+
+    ``load_state``: a full (unsharded) state dict to start from, saved at any parallel shape;
+    ``return_state``: add the full state dict after training (gathered from every shard)."""
+    cfg = cfg or GPTConfig()
+    torch.set_num_threads(1)  # one core per process: ranks share the machine
+    mesh = parallel.init_mesh(tc.dp, tc.tp, tc.pp)
+    parallel.manual_seed(tc.seed, mesh.tp_rank)
+    layers = build_layers(cfg, mesh.tp_group)
+    runtime, local = apply_pipeline(layers, tc, mesh)
+    if load_state is not None:
+        parallel.load_full_state_dict(local, load_state)
+    dp, opt = apply_data_parallel(local, tc, mesh)
+    if tc.batch % tc.dp:
+        raise ValueError(f"--batch {tc.batch} must be divisible by --dp {tc.dp}")
+    per_replica = tc.batch // tc.dp
+    rank0 = pycomm.get_rank() == 0
+    losses, times = [], []
+    for step in range(1, tc.steps + 1):
+        t0 = time.perf_counter()
+        ids, targets = batch_for_step(cfg, step, tc.batch, tc.seed)
+        mine = slice(mesh.dp_rank * per_replica, (mesh.dp_rank + 1) * per_replica)
+        opt.zero_grad()
+        if dp is not None:
+            with dp.no_sync():  # one reduction per step, after all micro-batches
+                stats = runtime.step(ids[mine], targets[mine])
+            dp.sync_gradients()
+        else:
+            stats = runtime.step(ids[mine], targets[mine])
+        opt.step()
+        loss = torch.tensor([stats.loss], dtype=torch.float64)
+        if mesh.dp > 1:
+            pycomm.all_reduce(loss, op="avg", group=mesh.dp_group)
+        losses.append(float(loss))
+        times.append(time.perf_counter() - t0)
+        if rank0 and not tc.quiet:
+            print(f"step {step} loss {losses[-1]:.6f}", flush=True)
+    result = {"losses": losses, "step_times": times}
+    if return_state:
+        result["state"] = parallel.full_state_dict(local, mesh.pp_group)
+    if tc.timeline:
+        measured = runtime.measured(stats)  # collective over the pipeline group
+        result["measured_bubble"] = measured.bubble_fraction
+        if rank0:
+            measured.plot(tc.timeline, title=(
+                f"measured: {tc.schedule}, p={tc.pp}, m={tc.microbatches}"
+                + (f", v={tc.virtual}" if tc.schedule == "interleaved_1f1b" else "")
+                + f" (bubble {measured.bubble_fraction:.1%} of device time)"))
+            print(f"timeline written to {tc.timeline} (measured bubble fraction "
+                  f"{measured.bubble_fraction:.3f})", flush=True)
+    return result
+
+
+def _worker(tc: TrainConfig, cfg: GPTConfig):
+    return train(tc, cfg)
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--schedule", choices=pipeline.SCHEDULES, default="1f1b")
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--virtual", type=int, default=2, help="chunks per rank for interleaved_1f1b")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zero", action="store_true", help="ZeRO-1 optimizer instead of DataParallel")
+    p.add_argument("--checkpoint", action="store_true", help="activation checkpointing per stage")
+    p.add_argument("--timeline", default=None, help="write the measured pipeline timeline PNG here")
+    a = p.parse_args(argv)
+    return TrainConfig(**vars(a))
+
+
+def main(argv=None) -> None:
+    tc = parse_args(argv)
+    cfg = GPTConfig()
+    if "RANK" in os.environ:  # torchrun (or any launcher that sets RANK/WORLD_SIZE)
+        pycomm.init_process_group()
+        try:
+            train(tc, cfg)
+        finally:
+            pycomm.destroy_process_group()
+        return
+    world = tc.dp * tc.tp * tc.pp
+    t0 = time.perf_counter()
+    pycomm.launch.run(_worker, world, args=(tc, cfg))
+    print(f"{world} process(es), {tc.steps} steps in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

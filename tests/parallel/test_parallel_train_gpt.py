@@ -1,0 +1,101 @@
+"""examples/train_gpt.py: every parallel shape matches the single-process losses, and
+checkpoints move between shapes."""
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+import train_gpt  # noqa: E402
+
+STEPS = 4
+REL = 1e-4
+
+
+def job_train(shape, steps=STEPS, load_state=None, return_state=False, lr=3e-3):
+    tc = train_gpt.TrainConfig(steps=steps, quiet=True, lr=lr, **shape)
+    return train_gpt.train(tc, load_state=load_state, return_state=return_state)
+
+
+_reference = {}
+
+
+def reference(run):
+    if "losses" not in _reference:
+        _reference["losses"] = run(1, job_train, {})[0]["losses"]
+    return _reference["losses"]
+
+
+def _assert_match(losses, ref):
+    assert len(losses) == len(ref)
+    for step, (a, b) in enumerate(zip(losses, ref), 1):
+        assert abs(a - b) <= REL * abs(b), f"step {step}: {a} vs single-process {b}"
+
+
+SHAPES = {
+    "dp2": dict(dp=2),
+    "dp2-zero": dict(dp=2, zero=True),
+    "tp2": dict(tp=2),
+    "pp2-gpipe": dict(pp=2, schedule="gpipe"),
+    "pp2-1f1b": dict(pp=2, schedule="1f1b"),
+    "pp2-interleaved": dict(pp=2, schedule="interleaved_1f1b"),
+    "pp2-1f1b-checkpoint": dict(pp=2, schedule="1f1b", checkpoint=True),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_two_rank_shapes_match_single_process(run, name):
+    ref = reference(run)
+    results = run(2, job_train, SHAPES[name])
+    for res in results:  # every rank reports the same loss
+        _assert_match(res["losses"], ref)
+    assert ref[-1] < ref[0]  # and it does learn
+
+
+@pytest.mark.parametrize("shape", [dict(dp=2, tp=2), dict(tp=2, pp=2, schedule="1f1b")], ids=["dp2xtp2", "tp2xpp2"])
+def test_four_rank_shapes_match_single_process(run, shape):
+    ref = reference(run)
+    for res in run(4, job_train, shape, timeout=240):
+        _assert_match(res["losses"], ref)
+
+
+def _assert_states_equal(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoint_moves_between_shapes(run):
+    saved_tp2 = run(2, job_train, dict(tp=2), 2, None, True)[0]["state"]
+    saved_pp2 = run(2, job_train, dict(pp=2), 2, None, True)[0]["state"]
+    assert sorted(saved_tp2) == sorted(saved_pp2)  # the dense model's names at every shape
+    # tp2 -> tp1: loading and gathering again gives back the saved tensors bit for bit
+    single = run(1, job_train, {}, 1, saved_tp2, True, 0.0)[0]
+    _assert_states_equal(single["state"], saved_tp2)
+    # pp2 -> dp2: both replicas hold the whole model, equal to what pp2 saved
+    for res in run(2, job_train, dict(dp=2), 1, saved_pp2, True, 0.0):
+        _assert_states_equal(res["state"], saved_pp2)
+    # and the loaded models compute the same loss as the model at the saving shape
+    again_tp2 = run(2, job_train, dict(tp=2), 1, saved_tp2, False, 0.0)[0]
+    _assert_match(single["losses"], again_tp2["losses"])
+
+
+def test_example_cli_under_a_minute(tmp_path):
+    """The example as a user runs it: its own processes, 20 steps, the timeline picture."""
+    import subprocess
+
+    png = tmp_path / "timeline.png"
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(train_gpt.__file__), "train_gpt.py"),
+         "--pp", "2", "--schedule", "1f1b", "--microbatches", "4", "--steps", "20", "--timeline", str(png)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYCOMM_KERNELS_BACKEND": "torch"},
+    )
+    elapsed = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if l.startswith("step ")]
+    assert [l.split()[1] for l in lines] == [str(i) for i in range(1, 21)]
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert elapsed < 60, elapsed
