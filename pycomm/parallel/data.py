@@ -63,10 +63,13 @@ class DataParallel(nn.Module):
         self._callback_queued = False
         self.bucket_log: list[list[tuple[int, int]]] = []
 
-        with torch.no_grad():
-            for t in list(module.parameters()) + list(module.buffers()):
-                if self.group.size > 1:
-                    pycomm.broadcast(t.data if t.is_contiguous() else t.data.contiguous(), 0, group=self.group)
+        if self.group.size > 1:
+            with torch.no_grad():
+                for t in list(module.parameters()) + list(module.buffers()):
+                    buf = t.data.contiguous()  # pycomm needs contiguous memory; copy back if it made one
+                    pycomm.broadcast(buf, 0, group=self.group)
+                    if buf.data_ptr() != t.data.data_ptr():
+                        t.data.copy_(buf)
 
         params = [p for p in module.parameters() if p.requires_grad]
         cap = bucket_cap_mb * 2**20
