@@ -6,11 +6,16 @@
 
 #include <tuple>
 
+#include "algorithms/cost.h"
 #include "communicator.h"
 #include "transport/shm.h"
 
 namespace py = pybind11;
 using namespace pycomm;
+
+namespace pycomm {
+void bindTorchBackend(py::module_& m);  // torch/backend.cpp: the only file with torch headers
+}
 
 namespace {
 
@@ -103,6 +108,21 @@ PYBIND11_MODULE(_C, m) {
              c.sendRecv(v, timeout);
            });
 
+  bindTorchBackend(m);
+
+  m.def(
+      "predict",
+      [](int coll, int algo, double bytes, int size, double alpha, double beta, double gamma) {
+        return predict(CostModel{alpha, beta, gamma}, Coll(coll), Algo(algo), bytes, size);
+      },
+      py::arg("coll"), py::arg("algo"), py::arg("bytes"), py::arg("size"), py::arg("alpha"),
+      py::arg("beta"), py::arg("gamma"), "seconds the alpha-beta model predicts (algorithms/cost.h)");
+  m.def("tree_depth", &treeDepth, py::arg("size"));
+  m.def(
+      "algo_override",
+      [](const std::string& setting, int coll) { return int(algoOverride(setting, Coll(coll))); },
+      py::arg("setting"), py::arg("coll"),
+      "PYCOMM_ALGO's choice for a collective: 0 ring, 1 tree, 2 left to the cost model");
   m.def(
       "tree",
       [](int rank, int size, int which) {

@@ -6,6 +6,7 @@
     pycomm.reduce_scatter(out, inp); pycomm.all_gather(out, inp); pycomm.broadcast(t, src=0)
     pycomm.destroy_process_group()
 
+`import pycomm` also registers the torch.distributed backend "pycomm".
 See README.md for the algorithms, the transport, the cost model and the benchmark.
 """
 import torch  # noqa: F401  (loads libtorch, which pycomm._C links against)
@@ -21,6 +22,9 @@ from pycomm.distributed import (
 )
 from pycomm.errors import CommError, CommMismatchError, CommTimeoutError
 from pycomm.tuning import CostModel
+from pycomm import backend as _backend
+
+_backend.register()  # torch.distributed.init_process_group("pycomm")
 
 __version__ = "0.1.0"
 __all__ = [

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pycomm import _types
+from pycomm import _types, tuning
 from pycomm.distributed import Group, group_or_world
 
 __all__ = [
@@ -111,7 +111,7 @@ def _algorithm(g: Group, collective: str, algorithm: str, nbytes: int) -> int:
     if algorithm not in ("auto", "ring", "tree"):
         raise ValueError(f"unknown algorithm {algorithm!r}: use 'ring', 'tree' or 'auto'")
     if algorithm == "auto":
-        algorithm = g.model.choose(collective, nbytes, g.size)
+        algorithm = tuning.algorithm_override(collective) or g.model.choose(collective, nbytes, g.size)
     if _DEBUG:
         print(f"pycomm: {collective} of {nbytes} B on group {g.gid} (rank {g.rank}/{g.size}): "
               f"{algorithm} over shm", flush=True)

@@ -32,7 +32,7 @@ from pycomm import _C, tuning
 from pycomm.errors import CommError, CommTimeoutError
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
-_SEGMENT_RE = re.compile(r"^pycomm-[0-9a-f]+-g\d+-r\d+-p(\d+)$")
+_SEGMENT_RE = re.compile(r"^pycomm-[0-9a-f]+-[a-z0-9]+-r\d+-p(\d+)$")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -204,32 +204,61 @@ def _wait_keys(store: dist.Store, keys: dict[str, int], timeout: float, what: st
         ) from e
 
 
-def _connect(w: _World, ranks: tuple[int, ...], gid: int) -> Group:
-    """Builds group `gid` over `ranks` (global ranks).  Every member calls it."""
-    group = Group(ranks=ranks, rank=ranks.index(w.rank) if w.rank in ranks else -1, gid=gid,
-                  timeout=w.timeout, model=w.model)
-    if group.rank < 0:
-        return group
-    prefix = f"pycomm/{w.generation}/g{gid}/"
-    name = f"/pycomm-{w.token}-g{gid}-r{group.rank}-p{os.getpid()}"
+def _rendezvous(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, ...], token: str,
+                timeout: float, label: str) -> _C.Communicator:
+    """The shared-memory set-up of one group (see the module docstring); every member
+    calls it with the same prefix, token and label.  `ranks` (global ranks) name peers in
+    errors."""
+    size = len(ranks)
+    name = f"/pycomm-{token}-{label}-r{rank}-p{os.getpid()}"
     transport = _C.ShmTransport(
-        group.rank, group.size, name,
+        rank, size, name,
         slot_bytes=_env_int("PYCOMM_SHM_SLOT_BYTES", 256 * 1024),
         slots=_env_int("PYCOMM_SHM_SLOTS", 4),
         lanes=2,
     )
     try:
-        w.store.set(f"{prefix}created/{group.rank}", name)
-        _wait_keys(w.store, {f"{prefix}created/{r}": ranks[r] for r in range(group.size)},
-                   w.timeout, f"join group {gid}")
-        names = [w.store.get(f"{prefix}created/{r}").decode() for r in range(group.size)]
-        transport.attach(names, w.timeout)
-        w.store.set(f"{prefix}attached/{group.rank}", "1")
-        _wait_keys(w.store, {f"{prefix}attached/{r}": ranks[r] for r in range(group.size)},
-                   w.timeout, f"map group {gid}'s shared memory")
+        store.set(f"{prefix}created/{rank}", name)
+        _wait_keys(store, {f"{prefix}created/{r}": ranks[r] for r in range(size)}, timeout,
+                   f"join group {label}")
+        names = [store.get(f"{prefix}created/{r}").decode() for r in range(size)]
+        transport.attach(names, timeout)
+        store.set(f"{prefix}attached/{rank}", "1")
+        _wait_keys(store, {f"{prefix}attached/{r}": ranks[r] for r in range(size)}, timeout,
+                   f"map group {label}'s shared memory")
     finally:
         transport.unlink()  # mapped by everyone, or failed: either way the name goes
-    group._comm = _C.Communicator(transport)
+    return _C.Communicator(transport)
+
+
+def _start(store: dist.Store, key: str, rank: int, size: int, timeout: float) -> tuple[str, tuning.CostModel]:
+    """What every group of one start-up shares, agreed through the store under `key`: the
+    token in segment names and rank 0's cost model (so all ranks pick alike).  Also checks
+    that all ranks share a host."""
+    if rank == 0:
+        _reap_stale_segments()
+        store.set(key + "token", secrets.token_hex(8))
+        store.set(key + "model", tuning.load().to_json())
+    store.set(key + f"host/{rank}", _host_identity())
+    _wait_keys(store, {key + f"host/{r}": r for r in range(size)}, timeout, "start pycomm")
+    hosts = [store.get(key + f"host/{r}").decode() for r in range(size)]
+    if len(set(hosts)) > 1:
+        where = "; ".join(f"rank {r}: {h.split('/')[0]}" for r, h in enumerate(hosts))
+        raise CommError(
+            "pycomm: the shared-memory transport needs every rank on one host, but " + where +
+            ". Run one process group per host, or use torch.distributed across hosts."
+        )
+    return (store.get(key + "token").decode(),
+            tuning.CostModel.from_json(store.get(key + "model").decode()))
+
+
+def _connect(w: _World, ranks: tuple[int, ...], gid: int) -> Group:
+    """Builds group `gid` over `ranks` (global ranks).  Every rank of the world calls it."""
+    group = Group(ranks=ranks, rank=ranks.index(w.rank) if w.rank in ranks else -1, gid=gid,
+                  timeout=w.timeout, model=w.model)
+    if group.rank >= 0:
+        group._comm = _rendezvous(w.store, f"pycomm/{w.generation}/g{gid}/", group.rank, ranks,
+                                  w.token, w.timeout, f"g{gid}")
     return group
 
 
@@ -277,23 +306,9 @@ def init_process_group(rank: int | None = None, world_size: int | None = None,
     # A store may outlive one pycomm session (torch.distributed's, a reused file): count
     # start-ups so that each gets fresh keys.
     generation = (store.add("pycomm/starts", 1) - 1) // world_size
-    key = f"pycomm/{generation}/"
-    if rank == 0:
-        _reap_stale_segments()
-        store.set(key + "token", secrets.token_hex(8))
-        store.set(key + "model", tuning.load().to_json())
-    store.set(key + f"host/{rank}", _host_identity())
-    _wait_keys(store, {key + f"host/{r}": r for r in range(world_size)}, seconds, "start pycomm")
-    hosts = [store.get(key + f"host/{r}").decode() for r in range(world_size)]
-    if len(set(hosts)) > 1:
-        where = "; ".join(f"rank {r}: {h.split('/')[0]}" for r, h in enumerate(hosts))
-        raise CommError(
-            "pycomm: the shared-memory transport needs every rank on one host, but " + where +
-            ". Run one process group per host, or use torch.distributed across hosts."
-        )
-    w = _World(store=store, rank=rank, size=world_size, generation=generation,
-               token=store.get(key + "token").decode(), timeout=seconds,
-               model=tuning.CostModel.from_json(store.get(key + "model").decode()))
+    token, model = _start(store, f"pycomm/{generation}/", rank, world_size, seconds)
+    w = _World(store=store, rank=rank, size=world_size, generation=generation, token=token,
+               timeout=seconds, model=model)
     w.world = _connect(w, tuple(range(world_size)), 0)
     w.groups.append(w.world)
     w.next_gid = 1

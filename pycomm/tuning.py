@@ -41,19 +41,28 @@ def default_path() -> Path:
     return Path(cache) / "pycomm" / "tune.json"
 
 
+_COLL = {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 2, "broadcast": 3}
+_ALGO = {"ring": 0, "tree": 1}
+
+
 def tree_depth(p: int) -> int:
     """Edges from the root to the deepest leaf of the binary tree over p ranks."""
-    if p <= 1:
-        return 0
     from pycomm import _C
 
-    def depth(r: int) -> int:
-        d = 0
-        while (r := _C.tree(r, p, 0)[0]) >= 0:
-            d += 1
-        return d
+    return _C.tree_depth(p)
 
-    return max(depth(r) for r in range(p))
+
+def algorithm_override(collective: str) -> str | None:
+    """What $PYCOMM_ALGO says for `collective` ('ring', 'tree'), or None (use the model).
+    The setting is 'ring', 'tree', 'auto' or per collective, like NCCL_ALGO:
+    'allreduce:tree;allgather:ring'."""
+    setting = os.environ.get("PYCOMM_ALGO", "")
+    if not setting:
+        return None
+    from pycomm import _C
+
+    code = _C.algo_override(setting, _COLL[collective])
+    return {0: "ring", 1: "tree"}.get(code)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,27 +79,16 @@ class CostModel:
     """where the constants came from: 'defaults' or the tune file's path"""
 
     def time(self, collective: str, algorithm: str, nbytes: int, p: int) -> float:
-        """Predicted seconds for one call on p ranks moving a buffer of nbytes."""
-        if p <= 1:
-            return 0.0
-        a, b, g, n = self.alpha, self.beta, self.gamma, float(nbytes)
-        f = (p - 1) / p
-        if algorithm == "ring":
-            return {
-                "all_reduce": 2 * (p - 1) * a + 2 * f * n * b + f * n * g,
-                "reduce_scatter": (p - 1) * a + f * n * b + f * n * g,
-                "all_gather": (p - 1) * a + f * n * b,
-                "broadcast": (p - 1) * a + n * b,
-            }[collective]
-        if algorithm == "tree":
-            d = tree_depth(p)
-            return {
-                "all_reduce": 2 * d * a + 2 * n * b + n * g,
-                "reduce_scatter": 2 * d * a + 2 * n * b + n * g,
-                "all_gather": 2 * d * a + 2 * n * b,
-                "broadcast": d * a + 2 * n * b,
-            }[collective]
-        raise ValueError(f"unknown algorithm {algorithm!r}: use 'ring' or 'tree'")
+        """Predicted seconds for one call on p ranks moving a buffer of nbytes (the formulas
+        live in csrc/algorithms/cost.cpp, shared with the torch.distributed backend)."""
+        from pycomm import _C
+
+        if collective not in _COLL:
+            raise ValueError(f"unknown collective {collective!r}: use one of {COLLECTIVES}")
+        if algorithm not in _ALGO:
+            raise ValueError(f"unknown algorithm {algorithm!r}: use 'ring' or 'tree'")
+        return _C.predict(_COLL[collective], _ALGO[algorithm], float(nbytes), p,
+                          self.alpha, self.beta, self.gamma)
 
     def choose(self, collective: str, nbytes: int, p: int) -> str:
         """'ring' or 'tree', whichever the model predicts is faster (ring on ties)."""

@@ -38,6 +38,19 @@ def gloo():
     return dist
 
 
+def torch_group(backend: str):
+    """In a worker: a torch.distributed group over all ranks with `backend` (gloo as the
+    default group, set up by gloo()); one per backend and process-group generation."""
+    dist = gloo()
+    key = (backend, _epoch)
+    if key not in _torch_groups:
+        _torch_groups[key] = dist.new_group(list(range(_size)), backend=backend)
+    return _torch_groups[key]
+
+
+_torch_groups = {}
+
+
 def _serve(rank, size, conn, store_dir):
     global _epoch, _rank, _size, _store_dir
     _rank, _size, _store_dir = rank, size, store_dir

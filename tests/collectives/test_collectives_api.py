@@ -188,12 +188,19 @@ def test_init_without_environment_says_what_to_set(monkeypatch):
 
 def test_torchrun():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(PYCOMM_DEBUG="INFO", PYCOMM_ALGO="allreduce:tree;allgather:ring")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
          str(_free_port()), os.path.join(HERE, "torchrun_job.py")],
         capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 0 of 2: ok" in proc.stdout and "rank 1 of 2: ok" in proc.stdout
+    assert "rank 0 of 2: backend ok" in proc.stdout and "rank 1 of 2: backend ok" in proc.stdout
+    # PYCOMM_DEBUG logs each collective's algorithm and transport, from the Python API and
+    # from the backend, and PYCOMM_ALGO chose the tree for all-reduce in both.
+    log = proc.stdout + proc.stderr
+    assert "pycomm: all_reduce of 4004 B on group 0 (rank 0/2): tree over shm" in log, log[-3000:]
+    assert "pycomm: all_reduce of 4004 B on rank 1/2: tree over shm" in log, log[-3000:]
 
 
 # ------------------------------------------------------------------------ the trees

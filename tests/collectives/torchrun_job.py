@@ -22,3 +22,11 @@ assert torch.equal(a, b)
 pycomm.destroy_process_group()
 dist.destroy_process_group()
 print(f"rank {r} of {p}: ok", flush=True)
+
+# The torch.distributed backend, selected per device as users write it.
+dist.init_process_group("cpu:pycomm,cuda:pycomm")
+t = torch.full((1001,), float(r + 1))
+dist.all_reduce(t)
+assert torch.equal(t, torch.full((1001,), p * (p + 1) / 2)), t
+dist.destroy_process_group()
+print(f"rank {r} of {p}: backend ok", flush=True)

@@ -1,0 +1,29 @@
+// The alpha-beta cost model (formulas in algorithms/ring.cpp and tree.cpp headers), one
+// implementation for the Python API (pycomm.tuning) and the torch.distributed backend.
+#pragma once
+
+#include <string>
+
+#include "common.h"
+
+namespace pycomm {
+
+struct CostModel {
+  double alpha = 4e-6;       // seconds per step
+  double beta = 1.0 / 6e9;   // seconds per byte moved
+  double gamma = 1.0 / 12e9; // seconds per byte reduced
+};
+
+int treeDepth(int size);
+// Predicted seconds of `coll` (AllReduce, ReduceScatter, AllGather, Broadcast) with `algo`
+// on `size` ranks for a buffer of `bytes` (the whole tensor / input / output).
+double predict(const CostModel& m, Coll coll, Algo algo, double bytes, int size);
+Algo choose(const CostModel& m, Coll coll, double bytes, int size);
+
+// PYCOMM_ALGO: "ring", "tree", or per collective like NCCL_ALGO:
+// "allreduce:tree;allgather:ring" (names: allreduce, reducescatter, allgather, broadcast).
+// Returns Algo::None when the setting leaves `coll` to the cost model; throws
+// std::invalid_argument on a malformed setting.
+Algo algoOverride(const std::string& setting, Coll coll);
+
+}  // namespace pycomm

@@ -1,0 +1,165 @@
+"""The torch.distributed backend "pycomm": real clients (DDP, functional collectives, FSDP2)
+get the same results as with gloo."""
+import os
+
+import pytest
+import torch
+
+import world
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
+                               torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+
+def _train_ddp(group, steps=4):
+    dist = world.gloo()
+    model = _model()
+    # 0.02 MB buckets: the 70 KB of gradients go out as several buckets during backward.
+    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group, bucket_cap_mb=0.02)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(steps):
+        x, y = torch.randn(16, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    buckets = len(ddp.reducer._get_zeros_tensors()) if hasattr(ddp.reducer, "_get_zeros_tensors") else None
+    return [p.detach().clone() for p in model.parameters()], buckets
+
+
+def job_ddp():
+    ours, _ = _train_ddp(world.torch_group("pycomm"))
+    theirs, _ = _train_ddp(world.torch_group("gloo"))
+    return max((a - b).abs().max().item() for a, b in zip(ours, theirs)), float(sum(p.sum() for p in ours))
+
+
+def test_ddp_trains_to_the_same_weights_as_gloo(run):
+    results = run(2, job_ddp)
+    for diff, _ in results:
+        assert diff < 1e-6
+    assert results[0][1] == results[1][1]  # replicas agree
+
+
+def job_collectives():
+    dist = world.gloo()
+    g = world.torch_group("pycomm")
+    r, p = dist.get_rank(), dist.get_world_size()
+    out = {}
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3) + r
+    dist.all_reduce(t, group=g)
+    out["all_reduce"] = t.tolist()
+    h = torch.full((4,), 1.0 + r, dtype=torch.bfloat16)
+    dist.all_reduce(h, op=dist.ReduceOp.AVG, group=g)
+    out["avg_bf16"] = h.float().tolist()
+    ts = [torch.ones(3) * (r + 1), torch.ones(2, dtype=torch.float32) * r]
+    dist.all_reduce_coalesced(ts, group=g)
+    out["coalesced"] = [x.tolist() for x in ts]
+    lst = [torch.empty(3) for _ in range(p)]
+    dist.all_gather(lst, torch.full((3,), float(r)), group=g)
+    out["all_gather"] = [x.tolist() for x in lst]
+    flat = torch.empty(3 * p)
+    dist.all_gather_into_tensor(flat, torch.full((3,), float(r)), group=g)
+    out["all_gather_into_tensor"] = flat.tolist()
+    rs = torch.empty(2)
+    dist.reduce_scatter_tensor(rs, torch.arange(2.0 * p) + r, group=g)
+    out["reduce_scatter_tensor"] = rs.tolist()
+    rs2 = torch.empty(2)
+    dist.reduce_scatter(rs2, [torch.full((2,), float(i + r)) for i in range(p)], group=g)
+    out["reduce_scatter"] = rs2.tolist()
+    b = torch.full((5,), float(r))
+    dist.broadcast(b, src=1, group=g)
+    out["broadcast"] = b.tolist()
+    nc = torch.zeros(4, 4)[:, 1]  # non-contiguous
+    nc += r + 1
+    dist.all_reduce(nc, group=g)
+    out["non_contiguous"] = nc.tolist()
+    dist.barrier(group=g)
+    if r == 0:
+        dist.send(torch.arange(5.0), dst=1, group=g)
+    elif r == 1:
+        got = torch.empty(5)
+        dist.recv(got, src=0, group=g)
+        out["recv"] = got.tolist()
+    w = dist.all_reduce(torch.ones(2), group=g, async_op=True)
+    fut = w.get_future()
+    w.wait()
+    out["future"] = fut.value()[0].tolist()
+    try:
+        dist.all_to_all_single(torch.empty(p), torch.ones(p), group=g)
+    except Exception as e:  # noqa: BLE001
+        out["unsupported"] = str(e)
+    return out
+
+
+def test_collectives_through_torch_distributed(run):
+    res = run(2, job_collectives)
+    for r, out in enumerate(res):
+        assert out["all_reduce"] == [[1.0, 3.0, 5.0], [7.0, 9.0, 11.0]]
+        assert out["avg_bf16"] == [1.5] * 4
+        assert out["coalesced"] == [[3.0] * 3, [1.0, 1.0]]
+        assert out["all_gather"] == [[0.0] * 3, [1.0] * 3]
+        assert out["all_gather_into_tensor"] == [0.0] * 3 + [1.0] * 3
+        assert out["reduce_scatter"] == [2.0 * r + 1.0] * 2
+        assert out["broadcast"] == [1.0] * 5
+        assert out["non_contiguous"] == [3.0] * 4
+        assert out["future"] == [2.0, 2.0]
+        assert "pycomm" in out["unsupported"] and "all" in out["unsupported"].lower(), out["unsupported"]
+    assert res[1]["recv"] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    # reduce_scatter_tensor: rank r gets elements [2r, 2r+1] of sum_q (arange(4) + q)
+    assert res[0]["reduce_scatter_tensor"] == [1.0, 3.0]
+    assert res[1]["reduce_scatter_tensor"] == [5.0, 7.0]
+
+
+def job_functional():
+    import torch.distributed._functional_collectives as fc
+
+    dist = world.gloo()
+    g = world.torch_group("pycomm")
+    r = dist.get_rank()
+    a = fc.all_reduce(torch.full((3,), float(r + 1)), "sum", g)
+    b = fc.all_gather_tensor(torch.full((2,), float(r)), 0, g)
+    c = fc.reduce_scatter_tensor(torch.arange(4.0), "sum", 0, g)
+    return a.tolist(), b.tolist(), c.tolist()
+
+
+def test_functional_collectives(run):
+    for r, (a, b, c) in enumerate(run(2, job_functional)):
+        assert a == [3.0] * 3
+        assert b == [0.0, 0.0, 1.0, 1.0]
+        assert c == [4.0 * r, 4.0 * r + 2.0]  # rank r's half of 2 * arange(4)
+
+
+def job_fsdp2():
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist = world.gloo()
+    results = {}
+    for backend in ("pycomm", "gloo"):
+        group = world.torch_group(backend)
+        mesh = DeviceMesh.from_group(group, "cpu")
+        assert type(mesh.get_group()._get_backend(torch.device("cpu"))).__module__.startswith(
+            "pycomm" if backend == "pycomm" else "torch")
+        model = _model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(dist.get_rank())
+        for _ in range(3):
+            x, y = torch.randn(8, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results[backend] = [p.full_tensor().detach() for p in model.parameters()]
+    return max((a - b).abs().max().item() for a, b in zip(results["pycomm"], results["gloo"]))
+
+
+def test_fsdp2_trains_like_gloo(run):
+    assert max(run(2, job_fsdp2, timeout=240)) < 1e-6
