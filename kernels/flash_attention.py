@@ -354,10 +354,10 @@ def _bwd(do, q, k, v, o, lse, causal, scale):
 # ----------------------------------------------------------------------------------------------
 
 
-def _scores(q, k, causal, scale):
+def _scores(q, k, causal, scale, dtype=torch.float32):
     group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)
-    s = (q.float() @ kf.transpose(-1, -2)) * scale
+    kf = k.to(dtype).repeat_interleave(group, dim=1)
+    s = (q.to(dtype) @ kf.transpose(-1, -2)) * scale
     if causal:
         keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
@@ -373,15 +373,21 @@ def torch_attention_fwd(q, k, v, causal, scale):
 
 
 def torch_attention_bwd(do, q, k, v, o, lse, causal, scale):
+    # The CPU fallback recomputes attention in float64 and rounds each gradient once: when
+    # the softmax is peaked, a float32 backward loses digits (PyTorch's own included), and
+    # a fallback that materialises S x S anyway has no reason to accept that.  ``o`` and
+    # ``lse`` are not needed.
     group = q.shape[1] // k.shape[1]
-    p = torch.exp(_scores(q, k, causal, scale) - lse[..., None])
-    dof = do.float()
-    vf = v.float().repeat_interleave(group, dim=1)
-    kf = k.float().repeat_interleave(group, dim=1)
+    f64 = torch.float64
+    p = torch.softmax(_scores(q, k, causal, scale, f64), dim=-1)
+    dof = do.to(f64)
+    vf = v.to(f64).repeat_interleave(group, dim=1)
+    kf = k.to(f64).repeat_interleave(group, dim=1)
     dv = p.transpose(-1, -2) @ dof
-    ds = p * (dof @ vf.transpose(-1, -2) - (dof * o.float()).sum(-1, keepdim=True))
+    dp = dof @ vf.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
     dq = (ds @ kf) * scale
-    dk = (ds.transpose(-1, -2) @ q.float()) * scale
+    dk = (ds.transpose(-1, -2) @ q.to(f64)) * scale
 
     def fold(t):  # sum the gradients of the query heads that share one K/V head
         B, _, S, D = t.shape

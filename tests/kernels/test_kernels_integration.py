@@ -124,14 +124,25 @@ def _qkv_ref(x, w):
 def test_torch_fallback(monkeypatch, i):
     monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
     ours, ref = FALLBACK_CASES[i]
-    a0, b0 = torch.randn(5, 6), torch.randn(5, 6)
+    gen = torch.Generator().manual_seed(i)
+    a0, b0 = torch.randn(5, 6, generator=gen), torch.randn(5, 6, generator=gen)
     a, b, a2, b2 = (t.clone().requires_grad_() for t in (a0, b0, a0, b0))
     out, expected = ours(a, b), ref(a2, b2)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    def close(x, y):
+        # 1e-5 relative to the tensor's largest value: two float32 implementations of an
+        # ill-conditioned gradient (qkv_attention's repeated weight rows give gradients of
+        # ~50) both err by ~4e-5 absolute against float64, each within PyTorch's own error.
+        if y is None:  # an input the op does not use gets no gradient from either
+            assert x is None
+            return
+        torch.testing.assert_close(x, y, atol=1e-5 * max(1.0, y.abs().max().item()), rtol=1e-5)
+
+    close(out, expected)
     out.sum().backward()
     expected.sum().backward()
-    torch.testing.assert_close(a.grad, a2.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(b.grad, b2.grad, atol=1e-5, rtol=1e-5)
+    close(a.grad, a2.grad)
+    close(b.grad, b2.grad)
 
 
 # ---------------------------------------------------------------- nn modules and patch
