@@ -238,3 +238,23 @@ def test_two_jobs_on_one_host_do_not_collide(pools):
         assert out["a"] == [True, True] and out["b"] == [True, True]
     finally:
         b.close()
+
+
+def job_two_hosts():
+    # Pretend each rank is on its own host: start-up must refuse, naming the hosts.
+    pycomm.destroy_process_group()
+    os.environ["PYCOMM_HOST_ID"] = f"node{world._rank}/boot"
+    try:
+        pycomm.init_process_group(world._rank, world._size,
+                                  init_method=f"file://{world._store_dir}/two-hosts",
+                                  timeout=datetime.timedelta(seconds=20))
+    except pycomm.CommError as e:
+        return str(e)
+    finally:
+        del os.environ["PYCOMM_HOST_ID"]
+    return "started"
+
+
+def test_ranks_on_different_hosts_are_refused(run):
+    for msg in run(2, job_two_hosts, fresh=True):
+        assert "one host" in msg and "rank 0: node0" in msg and "rank 1: node1" in msg, msg
