@@ -18,10 +18,18 @@ Composition, one function per parallelism, applied in this order (see docs/paral
    counts allowed) and wrap them in the runtime with the chosen schedule;
 3. ``apply_data_parallel``: average gradients over the dp group (``DataParallel``, synced once
    per step after the pipeline's micro-batches), or shard the optimizer with ``--zero``.
+
+Kernels: the norms are ``kernels.nn.LayerNorm``, attention is ``kernels.flash_attention`` and
+the MLP's fc1 bias + GELU is ``kernels.bias_gelu`` (inside ``parallel.ParallelSelfAttention`` /
+``ParallelMLP``); with tp=1 the loss is ``kernels.softmax_cross_entropy`` (tp>1 keeps
+``vocab_parallel_cross_entropy``).  They run Triton on a GPU (or under ``TRITON_INTERPRET=1``)
+and their PyTorch fallback on CPU; ``--kernels torch|triton|auto`` sets
+``PYCOMM_KERNELS_BACKEND`` for the run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+import kernels
 import pycomm
 import pycomm.launch
 from pycomm import parallel
@@ -85,6 +94,8 @@ class TrainConfig:
     """Write the measured pipeline timeline of the last step to this PNG."""
     quiet: bool = False
     """Do not print the per-step lines."""
+    kernels: str | None = None
+    """PYCOMM_KERNELS_BACKEND for this run (auto, torch, triton); None keeps the environment's."""
 
 
 # ---------------------------------------------------------------------------- model
@@ -109,10 +120,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig, group):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.hidden)
+        self.ln1 = kernels.nn.LayerNorm(cfg.hidden)
         self.attn = parallel.ParallelSelfAttention(cfg.hidden, cfg.heads, cfg.kv_heads, attn_dropout=cfg.dropout,
                                                    dropout=cfg.dropout, group=group)
-        self.ln2 = nn.LayerNorm(cfg.hidden)
+        self.ln2 = kernels.nn.LayerNorm(cfg.hidden)
         self.mlp = parallel.ParallelMLP(cfg.hidden, cfg.ffn, dropout=cfg.dropout, group=group)
 
     def forward(self, x):
@@ -125,7 +136,7 @@ class Head(nn.Module):
 
     def __init__(self, cfg: GPTConfig, group):
         super().__init__()
-        self.ln = nn.LayerNorm(cfg.hidden)
+        self.ln = kernels.nn.LayerNorm(cfg.hidden)
         self.out = parallel.ColumnParallelLinear(cfg.hidden, cfg.vocab, bias=False, group=group)
 
     def forward(self, x):
@@ -166,6 +177,8 @@ def apply_pipeline(layers, tc: TrainConfig, mesh):
     tp_group = mesh.tp_group
 
     def loss_fn(logits, targets):
+        if tp_group.size == 1:  # the whole vocabulary on this rank: the fused kernel
+            return kernels.softmax_cross_entropy(logits, targets)
         return parallel.vocab_parallel_cross_entropy(logits, targets, tp_group).mean()
 
     runtime = pipeline.Pipeline(stages, tc.schedule, tc.microbatches, loss_fn, mesh.pp_group,
@@ -182,13 +195,33 @@ def apply_data_parallel(local: nn.Module, tc: TrainConfig, mesh):
     return dp, torch.optim.AdamW(local.parameters(), lr=tc.lr)
 
 
+@contextlib.contextmanager
+def kernels_backend(name: str | None):
+    """Set ``PYCOMM_KERNELS_BACKEND`` (read by the kernels at every call) inside the block."""
+    old = os.environ.get("PYCOMM_KERNELS_BACKEND")
+    if name is not None:
+        os.environ["PYCOMM_KERNELS_BACKEND"] = name
+        kernels.backend()  # refuses an unknown name here, not at the first op
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYCOMM_KERNELS_BACKEND", None)
+        else:
+            os.environ["PYCOMM_KERNELS_BACKEND"] = old
+
+
 def train(tc: TrainConfig, cfg: GPTConfig | None = None, load_state: dict | None = None,
           return_state: bool = False) -> dict:
     """Runs on every rank (pycomm initialised); returns the per-step losses and timings.
 
     ``load_state``: a full (unsharded) state dict to start from, saved at any parallel shape;
     ``return_state``: add the full state dict after training (gathered from every shard)."""
-    cfg = cfg or GPTConfig()
+    with kernels_backend(tc.kernels):
+        return _train(tc, cfg or GPTConfig(), load_state, return_state)
+
+
+def _train(tc: TrainConfig, cfg: GPTConfig, load_state: dict | None, return_state: bool) -> dict:
     torch.set_num_threads(1)  # one core per process: ranks share the machine
     mesh = parallel.init_mesh(tc.dp, tc.tp, tc.pp)
     parallel.manual_seed(tc.seed, mesh.tp_rank)
@@ -256,6 +289,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--zero", action="store_true", help="ZeRO-1 optimizer instead of DataParallel")
     p.add_argument("--checkpoint", action="store_true", help="activation checkpointing per stage")
     p.add_argument("--timeline", default=None, help="write the measured pipeline timeline PNG here")
+    p.add_argument("--kernels", choices=("auto", "torch", "triton"), default=None,
+                   help="PYCOMM_KERNELS_BACKEND for this run (default: the environment's, else auto)")
     a = p.parse_args(argv)
     return TrainConfig(**vars(a))
 

@@ -9,13 +9,21 @@ replicated output.  Built directly, a parallel block draws the dense block's ini
 order of random draws) and keeps its shard; ``from_dense(block, group)`` shards an existing one.
 
 * MLP: ``fc2(gelu(fc1(x)))``, fc1 column-parallel, fc2 row-parallel: one all-reduce forward (g
-  after fc2) and one backward (f before fc1).
+  after fc2) and one backward (f before fc1).  fc1's bias and the GELU are one fused kernel,
+  ``kernels.bias_gelu``, applied to fc1's matmul (``skip_bias_add``): the bias is sharded with
+  fc1's columns, so each rank fuses its own slice.
 * Attention: a merged QKV projection whose output rows are laid out ``[Q: num_heads*d, K:
   num_kv_heads*d, V: num_kv_heads*d]`` in the dense block.  Tensor parallelism splits it by whole
   key/value groups: rank r holds KV groups ``r*KV/tp ..`` with all their query heads, so its
   local rows are again ``[Q, K, V]`` of ``num_heads/tp`` and ``num_kv_heads/tp`` heads and the
   same attention code runs on the shard.  ``proj`` is row-parallel over the heads.
   Grouped-query attention: query head h uses key/value head ``h // (num_heads/num_kv_heads)``.
+  The attention itself is ``kernels.flash_attention(q, k, v, causal=True)`` (GQA without
+  repeating k/v), except when attention-probability dropout is active: the kernel has no
+  dropout, so that case computes the probabilities explicitly.
+
+Kernels dispatch per call (``kernels/_dispatch.py``): Triton on CUDA tensors or under
+``TRITON_INTERPRET=1``, their PyTorch fallback otherwise; ``PYCOMM_KERNELS_BACKEND`` overrides.
 
 Dropout: attention-probability dropout is on sharded heads (per-rank stream), output dropout on
 the replicated result (common stream), see ``random.py``.
@@ -28,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from pycomm.distributed import Group
 
 from .layers import ColumnParallelLinear, RowParallelLinear
@@ -48,7 +57,13 @@ class MLP(nn.Module):
         self.dropout = dropout
 
     def forward(self, x):
-        return dropout(self.fc2(F.gelu(self.fc1(x))), self.dropout, self.training, sharded=False)
+        h = _bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
+        return dropout(self.fc2(h), self.dropout, self.training, sharded=False)
+
+
+def _bias_gelu(h, bias):
+    """``gelu(h + bias)`` as one kernel (``h`` is fc1's output without its bias)."""
+    return F.gelu(h) if bias is None else kernels.bias_gelu(h, bias)
 
 
 class ParallelMLP(nn.Module):
@@ -75,17 +90,18 @@ class ParallelMLP(nn.Module):
         return self
 
     def forward(self, x):
-        return dropout(self.fc2(F.gelu(self.fc1(x))), self.dropout, self.training, sharded=False)
+        h = _bias_gelu(self.fc1(x, skip_bias_add=True), self.fc1.bias)
+        return dropout(self.fc2(h), self.dropout, self.training, sharded=False)
 
 
 def _attend(q, k, v, p: float, training: bool) -> torch.Tensor:
     """Causal attention of ``q [B,H,S,d]`` over ``k, v [B,KV,S,d]``; probabilities dropped out
     with the tensor-parallel stream (heads are sharded)."""
+    if not training or p == 0.0:
+        return kernels.flash_attention(q, k, v, causal=True)
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if not training or p == 0.0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     s = q.shape[-2]
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     mask = torch.ones(s, s, dtype=torch.bool).triu(1)

@@ -135,8 +135,13 @@ class ColumnParallelLinear(TensorParallelModule):
         self.load_full_(dict(module.named_parameters()))
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tensor_parallel(x, self.group), self.weight, self.bias)
+    def forward(self, x: torch.Tensor, skip_bias_add: bool = False) -> torch.Tensor:
+        """``skip_bias_add=True``: return ``x W^T`` without the bias, for a caller that fuses the
+        (local) bias into the next op, e.g. ``kernels.bias_gelu(y, self.bias)``."""
+        if skip_bias_add and self.gather_output:
+            raise ValueError("skip_bias_add needs gather_output=False: the bias left out is this rank's slice")
+        bias = None if skip_bias_add else self.bias
+        y = F.linear(copy_to_tensor_parallel(x, self.group), self.weight, bias)
         return gather_from_tensor_parallel(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:

@@ -1,4 +1,10 @@
-"""Tensor-parallel layers against their dense counterparts on 2 ranks (and the mesh layout)."""
+"""Tensor-parallel layers against their dense counterparts on 2 ranks (and the mesh layout).
+
+The blocks use the kernels; these jobs pin their PyTorch fallback (the suite's TRITON_INTERPRET=1
+would run them in Triton's interpreter), see test_parallel_train_gpt.py for the Triton run."""
+import os
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +36,7 @@ def job_mesh_error(dp, tp, pp):
     return str(e.value)
 
 
+@mock.patch.dict(os.environ, PYCOMM_KERNELS_BACKEND="torch")
 def job_mlp():
     torch.set_num_threads(1)
     mesh = parallel.init_mesh(1, 2, 1)
@@ -67,6 +74,7 @@ def job_mlp():
     return same_init, n_fwd, n_bwd, out_err, gx_err, w_err, tuple(par.fc1.weight.shape)
 
 
+@mock.patch.dict(os.environ, PYCOMM_KERNELS_BACKEND="torch")
 def job_attention(heads, kv_heads):
     torch.set_num_threads(1)
     mesh = parallel.init_mesh(1, 2, 1)
