@@ -99,14 +99,20 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              c.barrier(timeout);
            })
-      .def("send_recv",
-           [](Communicator& c, const std::vector<std::tuple<bool, int, uintptr_t, size_t>>& ops,
-              double timeout) {
-             std::vector<P2POp> v;
-             for (auto& [isSend, peer, buf, bytes] : ops) v.push_back({isSend, peer, ptr(buf), bytes});
-             py::gil_scoped_release nogil;
-             c.sendRecv(v, timeout);
-           });
+      .def(
+          "post",
+          [](Communicator& c, bool isSend, int peer, uintptr_t buf, size_t bytes, double timeout) {
+            return c.post(P2POp{isSend, peer, ptr(buf), bytes}, timeout);
+          },
+          py::arg("is_send"), py::arg("peer"), py::arg("buf"), py::arg("bytes"), py::arg("timeout"))
+      .def(
+          "progress",
+          [](Communicator& c, double slice) {
+            py::gil_scoped_release nogil;
+            return c.progress(slice);
+          },
+          py::arg("slice"))
+      .def("done", &Communicator::done, py::arg("id"));
 
   bindTorchBackend(m);
 

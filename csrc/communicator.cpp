@@ -21,10 +21,87 @@ OpDesc Communicator::next(Coll coll, size_t count, DType dtype, RedOp op, Algo a
   return d;
 }
 
+namespace {
+Clock::time_point after(double seconds) {
+  return Clock::now() +
+         std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+// Point-to-point traffic has a lane of its own (the last one), so posted messages and
+// collectives never wait behind each other in a channel.
+int p2pLane(const Transport& t) { return t.lanes() - 1; }
+}  // namespace
+
 void Communicator::run(Plan& plan, const OpDesc& desc, DType dtype, RedOp op, double timeoutS) {
-  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                     std::chrono::duration<double>(timeoutS));
-  t_->execute(plan, desc, dtype, op, deadline);
+  // Pending messages ride along: a rank blocked in a collective still delivers what it
+  // posted, which its peers may need before they can join the collective.
+  const size_t first = plan.tasks().size();
+  for (const Pending& p : pending_) plan.addOptional(p.task, p.desc);
+  t_->execute(plan, desc, dtype, op, after(timeoutS));
+  collect(plan, first);
+}
+
+void Communicator::collect(const Plan& plan, size_t first) {
+  // Messages complete in any order across peers; the others keep their posting order.
+  std::deque<Pending> still;
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    Pending& p = pending_[i];
+    p.task.done = plan.tasks()[first + i].done;
+    if (p.task.done == p.task.bytes)
+      completed_.insert(p.id);
+    else
+      still.push_back(std::move(p));
+  }
+  pending_.swap(still);
+}
+
+uint64_t Communicator::post(const P2POp& op, double timeoutS) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (op.peer < 0 || op.peer >= size() || op.peer == rank())
+    throw std::invalid_argument("send/recv peer " + std::to_string(op.peer) + " is not another rank");
+  OpDesc d;
+  d.coll = int32_t(Coll::SendRecv);
+  d.dtype = int32_t(DType::U8);
+  d.redop = int32_t(RedOp::None);
+  d.algo = int32_t(Algo::None);
+  d.count = op.bytes;
+  // The descriptor a send carries is what the receiver expects: the n-th message from this
+  // rank to that peer.  Neither side's numbering depends on other peers.
+  d.seq = op.isSend ? ++sent_[op.peer] : ++received_[op.peer];
+  d.root = op.isSend ? rank() : op.peer;
+  Plan one;  // builds the task the same way every plan does
+  int lane = p2pLane(*t_);
+  if (op.isSend)
+    one.send(op.peer, op.buf, op.bytes, {}, lane);
+  else
+    one.recvCopy(op.peer, op.buf, op.bytes, {}, lane);
+  uint64_t id = ++nextId_;
+  pending_.push_back(Pending{id, one.tasks()[0], d, after(timeoutS)});
+  return id;
+}
+
+bool Communicator::progressLocked(Clock::time_point returnBy) {
+  if (pending_.empty()) return true;
+  Plan plan;
+  Clock::time_point deadline = Clock::time_point::max();
+  for (const Pending& p : pending_) {
+    plan.tasks().push_back(p.task);
+    plan.setDesc(int(plan.tasks().size()) - 1, p.desc);
+    deadline = std::min(deadline, p.deadline);
+  }
+  t_->publish(pending_.front().desc);
+  bool finished = t_->execute(plan, pending_.front().desc, DType::U8, RedOp::None, deadline, returnBy);
+  collect(plan, 0);
+  return finished;
+}
+
+bool Communicator::progress(double sliceS) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return progressLocked(after(sliceS));
+}
+
+bool Communicator::done(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return completed_.erase(id) > 0;
 }
 
 char* Communicator::scratch(size_t bytes) {
@@ -111,34 +188,6 @@ void Communicator::barrier(double timeoutS) {
   treeAllReduce(plan, rank(), size(), reinterpret_cast<char*>(&out), reinterpret_cast<char*>(&in), 1,
                 1, t_->lanes());
   run(plan, d, DType::U8, RedOp::Max, timeoutS);
-}
-
-void Communicator::sendRecv(const std::vector<P2POp>& ops, double timeoutS) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Plan plan;
-  OpDesc first;
-  bool haveFirst = false;
-  for (const P2POp& op : ops) {
-    if (op.peer < 0 || op.peer >= size() || op.peer == rank())
-      throw std::invalid_argument("send/recv peer " + std::to_string(op.peer) + " is not another rank");
-    OpDesc d;
-    d.coll = int32_t(Coll::SendRecv);
-    d.dtype = int32_t(DType::U8);
-    d.redop = int32_t(RedOp::None);
-    d.algo = int32_t(Algo::None);
-    d.count = op.bytes;
-    // The descriptor a send carries is what the receiver expects: the n-th message from
-    // this rank to that peer.  Neither side's numbering depends on other peers.
-    d.seq = op.isSend ? ++sent_[op.peer] : ++received_[op.peer];
-    d.root = op.isSend ? rank() : op.peer;
-    // A zero-byte message moves nothing but still takes its number on both sides.
-    int task = op.isSend ? plan.send(op.peer, op.buf, op.bytes) : plan.recvCopy(op.peer, op.buf, op.bytes);
-    plan.setDesc(task, d);
-    if (!haveFirst) first = d, haveFirst = true;
-  }
-  if (!haveFirst) return;
-  t_->publish(first);
-  run(plan, first, DType::U8, RedOp::None, timeoutS);
 }
 
 }  // namespace pycomm

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -249,6 +251,57 @@ class P2POp:
     group: Group | None = None
 
 
+class P2PWork(Work):
+    """Handle of posted point-to-point messages.  Messages progress whenever this rank calls
+    into the group (waits, other sends and receives, collectives), like MPI's nonblocking
+    operations: wait() (or is_completed(), or any later call) is what moves them."""
+
+    def __init__(self, group: Group, ids: list[int], tensors: list[torch.Tensor]):
+        self._group, self._ids, self._tensors = group, set(ids), tensors  # tensors stay alive
+        self._error: BaseException | None = None
+
+    def _poll(self, slice_s: float) -> bool:
+        comm = self._group._comm
+        if self._error is None and self._ids:
+            try:
+                comm.progress(slice_s)
+                self._ids = {i for i in self._ids if not comm.done(i)}
+            except Exception as e:  # noqa: BLE001 - re-raised by wait()
+                self._error = e
+        return self._error is not None or not self._ids
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._poll(0.005):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"pycomm: point-to-point not complete within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def is_completed(self) -> bool:
+        return self._poll(0.0)
+
+    def is_success(self) -> bool:
+        return self.is_completed() and self._error is None
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def get_future(self) -> torch.futures.Future:
+        fut = torch.futures.Future()
+
+        def drive():
+            try:
+                self.wait()
+                fut.set_result(self._tensors)
+            except BaseException as e:  # noqa: BLE001
+                fut.set_exception(e)
+
+        threading.Thread(target=drive, daemon=True, name="pycomm-p2p-future").start()
+        return fut
+
+
 def _p2p(ops: list[P2POp], async_op: bool):
     if not ops:
         raise ValueError("batch_isend_irecv needs at least one P2POp")
@@ -267,16 +320,18 @@ def _p2p(ops: list[P2POp], async_op: bool):
             raise ValueError(f"pycomm.{fn}: peer {o.peer!r} must be another rank of the group "
                              f"(0..{g.size - 1}, not this rank {g.rank})")
         items.append((kind, o.peer, o.tensor))
-
-    def run():
-        g._comm.send_recv([(k, p, t.data_ptr(), t.numel() * t.element_size()) for k, p, t in items],
-                          g.timeout)
-
-    return g._run(run, async_op)
+    if g._comm is None:
+        raise RuntimeError("pycomm: this group was destroyed; call init_process_group again")
+    ids = [g._comm.post(k, p, t.data_ptr(), t.numel() * t.element_size(), g.timeout) for k, p, t in items]
+    work = P2PWork(g, ids, [t for _, _, t in items])
+    if async_op:
+        return work
+    work.wait()
+    return None
 
 
 def send(tensor: torch.Tensor, dst: int, group: Group | None = None) -> None:
-    """Sends `tensor` to group rank `dst`; returns once it has been handed to the transport."""
+    """Sends `tensor` to group rank `dst`; returns once the peer has received it."""
     _p2p([P2POp("send", tensor, dst, group)], False)
 
 
@@ -294,7 +349,8 @@ def irecv(tensor: torch.Tensor, src: int, group: Group | None = None) -> Work:
 
 
 def batch_isend_irecv(ops: list[P2POp]) -> list[Work]:
-    """Runs the sends and receives together (so neighbours may exchange without
-    deadlock); returns one Work per op, all completing together."""
+    """Posts the sends and receives together; returns one Work per op, all completing
+    together.  (Every isend/irecv is posted at once too, so any order of posted messages
+    between neighbours is deadlock-free; batching only saves waits.)"""
     work = _p2p(list(ops), True)
     return [work] * len(ops)

@@ -215,7 +215,7 @@ def _rendezvous(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, ...
         rank, size, name,
         slot_bytes=_env_int("PYCOMM_SHM_SLOT_BYTES", 256 * 1024),
         slots=_env_int("PYCOMM_SHM_SLOTS", 4),
-        lanes=2,
+        lanes=3,  # two for the double binary tree, one for point-to-point messages
     )
     try:
         store.set(f"{prefix}created/{rank}", name)

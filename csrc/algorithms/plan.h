@@ -27,6 +27,7 @@ struct Task {
   int deps[3];
   int ndeps;
   int desc = -1;        // index into Plan::descs(), or -1 for the collective's descriptor
+  bool optional = false;  // progressed when possible, but the plan may finish without it
   size_t done = 0;      // bytes handled so far (executor state)
 };
 
@@ -48,6 +49,15 @@ class Plan {
   std::vector<Task>& tasks() { return tasks_; }
   const std::vector<Task>& tasks() const { return tasks_; }
   // Point-to-point tasks carry their own descriptor (a per-peer sequence number).
+  // Adds an already-started task (its `done` counts) that the plan progresses but does not
+  // wait for: pending point-to-point messages ride along with every collective.
+  int addOptional(const Task& t, const OpDesc& d) {
+    tasks_.push_back(t);
+    tasks_.back().ndeps = 0;
+    tasks_.back().optional = true;
+    setDesc(int(tasks_.size()) - 1, d);
+    return int(tasks_.size()) - 1;
+  }
   void setDesc(int task, const OpDesc& d) {
     descs_.push_back(d);
     tasks_[task].desc = int(descs_.size()) - 1;

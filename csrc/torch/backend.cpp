@@ -3,6 +3,7 @@
 #include <ATen/core/ivalue.h>
 #include <torch/python.h>
 
+#include <algorithm>
 #include <cstdio>
 
 #include "reduce.h"
@@ -110,18 +111,70 @@ TorchBackend::~TorchBackend() {
   if (worker_.joinable()) worker_.join();
 }
 
+struct TorchBackend::Message {
+  uint64_t id;
+  c10::intrusive_ptr<PycommWork> work;
+  at::Tensor user, buf;  // a receive into a non-contiguous tensor lands in buf first
+  bool isSend;
+};
+
 void TorchBackend::loop() {
   for (;;) {
     std::function<void()> fn;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stopping, nothing left
-      fn = std::move(queue_.front());
-      queue_.pop_front();
+      // Idle with messages in flight: wake often to move them.
+      if (messages_.empty())
+        cv_.wait(lock, [this] { return stop_ || !queue_.empty() || !messages_.empty(); });
+      else
+        cv_.wait_for(lock, std::chrono::microseconds(50), [this] { return stop_ || !queue_.empty(); });
+      if (queue_.empty() && stop_) return;
+      if (!queue_.empty()) {
+        fn = std::move(queue_.front());
+        queue_.pop_front();
+      }
     }
-    fn();
+    if (fn) fn();
+    progressMessages();
   }
+}
+
+void TorchBackend::progressMessages() {
+  std::vector<std::shared_ptr<Message>> mine;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (messages_.empty()) return;
+    mine = messages_;
+  }
+  std::exception_ptr err;
+  try {
+    comm_->progress(0.002);
+  } catch (...) {
+    err = std::current_exception();
+  }
+  std::vector<std::shared_ptr<Message>> finished;
+  for (auto& m : mine)
+    if (err || comm_->done(m->id)) finished.push_back(m);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& m : finished) messages_.erase(std::find(messages_.begin(), messages_.end(), m));
+  }
+  for (auto& m : finished) {
+    if (!err && !m->isSend && !m->buf.is_same(m->user)) m->user.copy_(m->buf);
+    m->work->complete(err);
+  }
+}
+
+c10::intrusive_ptr<c10d::Work> TorchBackend::postMessage(c10d::OpType type, const char* name, bool isSend,
+                                                         int peer, at::Tensor user, at::Tensor buf) {
+  auto work = c10::make_intrusive<PycommWork>(type, name, std::vector<at::Tensor>{user});
+  uint64_t id = comm_->post(P2POp{isSend, peer, buf.data_ptr(), buf.nbytes()}, timeout_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    messages_.push_back(std::make_shared<Message>(Message{id, work, user, buf, isSend}));
+  }
+  cv_.notify_one();
+  return work;
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::enqueue(c10d::OpType type, const char* name,
@@ -319,21 +372,19 @@ c10::intrusive_ptr<c10d::Work> TorchBackend::barrier(const c10d::BarrierOptions&
 c10::intrusive_ptr<c10d::Work> TorchBackend::send(std::vector<at::Tensor>& tensors, int dst, int) {
   TORCH_CHECK(tensors.size() == 1, "pycomm backend: send takes one tensor");
   checkCpu(tensors[0], "send");
-  at::Tensor t = tensors[0].contiguous();
-  return enqueue(c10d::OpType::SEND, "pycomm:send", tensors, [this, t, dst]() {
-    comm_->sendRecv({P2POp{true, dst, t.data_ptr(), t.nbytes()}}, timeout_);
-  });
+  TORCH_CHECK(dst >= 0 && dst < getSize() && dst != getRank(), "pycomm backend: send to rank ", dst,
+              ": not another rank of this group");
+  return postMessage(c10d::OpType::SEND, "pycomm:send", true, dst, tensors[0], tensors[0].contiguous());
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::recv(std::vector<at::Tensor>& tensors, int src, int) {
   TORCH_CHECK(tensors.size() == 1, "pycomm backend: recv takes one tensor");
   checkCpu(tensors[0], "recv");
+  TORCH_CHECK(src >= 0 && src < getSize() && src != getRank(), "pycomm backend: recv from rank ", src,
+              ": not another rank of this group");
   at::Tensor dst = tensors[0];
-  return enqueue(c10d::OpType::RECV, "pycomm:recv", tensors, [this, dst, src]() mutable {
-    at::Tensor buf = dst.is_contiguous() ? dst : at::empty_like(dst).contiguous();
-    comm_->sendRecv({P2POp{false, src, buf.data_ptr(), buf.nbytes()}}, timeout_);
-    if (!buf.is_same(dst)) dst.copy_(buf);
-  });
+  return postMessage(c10d::OpType::RECV, "pycomm:recv", false, src, dst,
+                     dst.is_contiguous() ? dst : at::empty_like(dst).contiguous());
 }
 
 void bindTorchBackend(pybind11::module_& m) {

@@ -61,6 +61,11 @@ class TorchBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, const char* name,
                                          std::vector<at::Tensor> outputs, std::function<void()> fn);
   void loop();
+  // Posts a message and returns its Work; the worker progresses it while idle and every
+  // collective carries it along, so isend/irecv never block each other.
+  c10::intrusive_ptr<c10d::Work> postMessage(c10d::OpType type, const char* name, bool isSend, int peer,
+                                             at::Tensor user, at::Tensor buf);
+  void progressMessages();  // worker thread, mu_ not held
   Algo pick(Coll coll, size_t bytes) const;
   void allReduceTensor(at::Tensor& t, const c10d::ReduceOp& op);
 
@@ -72,6 +77,8 @@ class TorchBackend : public c10d::Backend {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;
+  struct Message;
+  std::vector<std::shared_ptr<Message>> messages_;  // posted, not yet complete (under mu_)
   bool stop_ = false;
   std::thread worker_;
 };

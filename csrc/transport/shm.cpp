@@ -347,8 +347,8 @@ size_t allowedBytes(const std::vector<Task>& tasks, const Task& t) {
 
 }  // namespace
 
-void ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
-                           Clock::time_point deadline) {
+bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
+                           Clock::time_point deadline, Clock::time_point returnBy) {
   if (!failure_.empty())
     throw CommError("pycomm: this communicator failed earlier and cannot be used again "
                     "(destroy it and create a new one): " + failure_);
@@ -363,7 +363,8 @@ void ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
     (t.kind == Task::Send ? sendQ : recvQ)[size_t(t.peer) * opt_.lanes + t.lane].push_back(int(i));
   }
   std::vector<size_t> sHead(nch, 0), rHead(nch, 0);
-  size_t remaining = tasks.size();
+  size_t remaining = 0;  // required tasks not yet done
+  for (const Task& t : tasks) remaining += t.optional ? 0 : 1;
   const size_t esize = dtypeSize(reduceType);
   Progress progress(*this, desc, deadline);
 
@@ -376,7 +377,7 @@ void ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
         Task& t = tasks[sendQ[q][sHead[q]]];
         if (t.done == t.bytes) {
           ++sHead[q];
-          --remaining;
+          if (!t.optional) --remaining;
           moved = true;
           continue;
         }
@@ -394,7 +395,7 @@ void ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
         Task& t = tasks[recvQ[q][rHead[q]]];
         if (t.done == t.bytes) {
           ++rHead[q];
-          --remaining;
+          if (!t.optional) --remaining;
           moved = true;
           continue;
         }
@@ -431,11 +432,14 @@ void ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
         moved = true;
       }
     }
-    if (moved)
+    if (moved) {
       progress.progressed();
-    else
+    } else {
+      if (returnBy != Clock::time_point::max() && Clock::now() >= returnBy) return false;
       progress.idle(waitingOn);
+    }
   }
+  return true;
 }
 
 }  // namespace pycomm

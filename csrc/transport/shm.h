@@ -44,8 +44,8 @@ class ShmTransport final : public Transport {
   int size() const override { return size_; }
   int lanes() const override { return opt_.lanes; }
   const char* name() const override { return "shm"; }
-  void execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
-               Clock::time_point deadline) override;
+  bool execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
+               Clock::time_point deadline, Clock::time_point returnBy) override;
   void publish(const OpDesc& desc) override;
   void abort(const std::string& why) override;
 

@@ -22,10 +22,13 @@ class Transport {
   virtual int lanes() const = 0;  // how many independent channels per peer a plan may use
   virtual const char* name() const = 0;
 
-  // Runs `plan` to completion.  `desc` identifies the collective (checked against what the
-  // peers send); `reduceType`/`op` say how RecvReduce tasks combine bytes.
-  virtual void execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
-                       Clock::time_point deadline) = 0;
+  // Runs `plan` until its required tasks are done (returns true), or until `returnBy`
+  // passes first (returns false; call again to go on: progress is kept in the tasks).
+  // `desc` identifies the collective (checked against what the peers send);
+  // `reduceType`/`op` say how RecvReduce tasks combine bytes.  Past `deadline` it raises.
+  virtual bool execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
+                       Clock::time_point deadline,
+                       Clock::time_point returnBy = Clock::time_point::max()) = 0;
 
   // Called once the Python layer knows the call is valid, before execute: peers waiting on
   // this rank can then see which collective it is in.

@@ -283,3 +283,44 @@ def test_pycomm_tune_command(tmp_path):
     assert data["nprocs"] == 2 and len(data["measurements"]) >= 10
     m = tuning.load(out)
     assert m.source == str(out) and all(v > 0 for v in (m.alpha, m.beta, m.gamma))
+
+
+def job_isend_then_irecv_both_ways(n):
+    # Each rank sends 16 MB (16x the transport's in-flight capacity) to the other and only
+    # then posts its receive: posted messages progress together, so this cannot deadlock.
+    r = pycomm.get_rank()
+    peer = 1 - r
+    out, got = torch.full((n,), float(r + 1)), torch.empty(n)
+    s = pycomm.isend(out, peer)
+    q = pycomm.irecv(got, peer)
+    q.wait()
+    s.wait()
+    return got[0].item(), got[-1].item(), s.is_completed() and q.is_completed()
+
+
+def test_large_isend_irecv_in_either_order_do_not_deadlock(run):
+    for r, (first, last, done) in enumerate(run(2, job_isend_then_irecv_both_ways, 4 << 20, timeout=60,
+                                                 pg_timeout=20.0)):
+        assert first == last == float(2 - r) and done
+
+
+def job_isend_then_collective():
+    # Rank 0 posts a large isend and goes straight into an all_reduce; rank 1 receives first
+    # and joins the all_reduce after.  The collective carries the pending message along.
+    r = pycomm.get_rank()
+    big = torch.arange(3 << 20, dtype=torch.float32)
+    t = torch.ones(10)
+    if r == 0:
+        w = pycomm.isend(big, 1)
+        pycomm.all_reduce(t)
+        w.wait()
+        return t[0].item(), None
+    got = torch.empty_like(big)
+    pycomm.recv(got, 0)
+    pycomm.all_reduce(t)
+    return t[0].item(), torch.equal(got, big)
+
+
+def test_pending_isend_progresses_during_a_collective(run):
+    res = run(2, job_isend_then_collective, timeout=60, pg_timeout=20.0)
+    assert res[0][0] == res[1][0] == 2.0 and res[1][1] is True

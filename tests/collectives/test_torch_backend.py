@@ -163,3 +163,27 @@ def job_fsdp2():
 
 def test_fsdp2_trains_like_gloo(run):
     assert max(run(2, job_fsdp2, timeout=240)) < 1e-6
+
+
+def job_backend_isend_irecv():
+    dist = world.gloo()
+    g = world.torch_group("pycomm")
+    r = dist.get_rank()
+    n = 4 << 20
+    out, got = torch.full((n,), float(r + 1)), torch.empty(n)
+    s = dist.isend(out, 1 - r, group=g)
+    q = dist.irecv(got, 1 - r, group=g)
+    q.wait()
+    s.wait()
+    strided = torch.zeros(6, 2)[:, 0]  # a non-contiguous receive buffer
+    works = dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.arange(6.0) * (r + 1), 1 - r, g),
+                                    dist.P2POp(dist.irecv, strided, 1 - r, g)])
+    for w in works:
+        w.wait()
+    return got[0].item(), strided.tolist()
+
+
+def test_backend_isend_irecv(run):
+    for r, (first, strided) in enumerate(run(2, job_backend_isend_irecv, timeout=60)):
+        assert first == float(2 - r)
+        assert strided == [float(i * (2 - r)) for i in range(6)]
