@@ -242,3 +242,24 @@ def job_half_accumulates_in_float32():
 
 def test_half_types_accumulate_in_float32(run):
     assert all(ok for ok, _ in run(4, job_half_accumulates_in_float32))
+
+
+def job_all_collectives(counts):
+    bad = job_all_reduce("ring", counts, [torch.float32, torch.int64])[0]
+    bad += job_all_reduce("tree", counts, [torch.bfloat16, torch.uint8])[0]
+    for algorithm in ("ring", "tree"):
+        bad += job_reduce_scatter(algorithm, counts, [torch.float32], False)
+        bad += job_all_gather(algorithm, counts, [torch.int32], False)
+    bad += job_broadcast([3, 70001], [torch.float64])
+    return bad
+
+
+@pytest.mark.parametrize("size", [5, 8])
+def test_larger_worlds_exact(pools, size):
+    # More ranks than cores (2 here): also shows that waiting ranks yield to the others.
+    pool = pools(size)
+    try:
+        for rank, bad in enumerate(pool.run(job_all_collectives, [1, 7, 4099], timeout=240)):
+            assert not bad, f"rank {rank}: {bad}"
+    finally:
+        pool.close()  # do not keep this many idle processes for the rest of the session
