@@ -1,6 +1,6 @@
 """nccl-tests-style benchmark of pycomm's collectives against torch.distributed's gloo.
 
-    python -m bench [--nprocs 2] [-b 8] [-e 64M] [-f 4] [--dtype float32]
+    python -m bench [--nprocs 2] [-b 8] [-e 64M] [-f 2] [--dtype float32]
                     [--algorithms ring,tree,auto] [--ops all_reduce,reduce_scatter,all_gather]
                     [--iters N] [--warmup N] [--no-gloo] [--json PATH] [--plot PATH]
 
@@ -96,6 +96,15 @@ def _rank_main(cfg: dict):
         for _ in range(iters):
             fn()
         return slowest((time.perf_counter() - start) / iters)
+
+    # Warm up before the first row (as nccl-tests does): the first collectives of a process
+    # pay for page faults, lazy initialisation and gloo's start-up.
+    warm = torch.ones(1 << 18, dtype=dtype)
+    for algorithm in ("ring", "tree"):
+        for _ in range(50):
+            pycomm.all_reduce(warm[:2], algorithm=algorithm)
+        pycomm.all_reduce(warm, algorithm=algorithm)
+    pycomm.barrier()
 
     progress = None
     tasks = [(op, size) for op in cfg["ops"] for size in cfg["sizes"]]
@@ -230,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprocs", "-n", type=int, default=2, help="local processes (default 2)")
     p.add_argument("--begin", "-b", type=parse_size, default=8, help="smallest size, e.g. 8, 64K (default 8)")
     p.add_argument("--end", "-e", type=parse_size, default=64 << 20, help="largest size (default 64M)")
-    p.add_argument("--factor", "-f", type=float, default=4, help="size multiplier (default 4)")
+    p.add_argument("--factor", "-f", type=float, default=2, help="size multiplier (default 2, as nccl-tests)")
     p.add_argument("--dtype", "-d", default="float32",
                    choices=["float32", "float64", "int32", "int64", "uint8"])
     p.add_argument("--algorithms", "-a", default="ring,tree",

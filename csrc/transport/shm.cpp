@@ -291,8 +291,11 @@ void ShmTransport::checkPeers(const OpDesc& desc, int waitingOn) {
 // cores the yielding is what lets the rank we wait for run at all.
 class ShmTransport::Progress {
  public:
+  // Peers are first checked 5 ms into a wait: the check reads /proc (tens of
+  // microseconds), which a peer arriving a few microseconds late must not pay for.
   Progress(ShmTransport& t, const OpDesc& desc, Clock::time_point deadline)
-      : t_(t), desc_(desc), deadline_(deadline), start_(Clock::now()) {}
+      : t_(t), desc_(desc), deadline_(deadline), start_(Clock::now()),
+        nextCheck_(start_ + std::chrono::milliseconds(5)) {}
   void progressed() { idle_ = 0; }
   void idle(int waitingOn) {
     ++idle_;
@@ -328,7 +331,7 @@ class ShmTransport::Progress {
  private:
   ShmTransport& t_;
   const OpDesc& desc_;
-  Clock::time_point deadline_, start_, nextCheck_{};
+  Clock::time_point deadline_, start_, nextCheck_;
   long idle_ = 0;
 };
 
