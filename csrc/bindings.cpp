@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "algorithms/cost.h"
+#include "algorithms/rounds.h"
 #include "communicator.h"
 #include "transport/shm.h"
 
@@ -137,4 +138,57 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("rank"), py::arg("size"), py::arg("which") = 0,
       "(parent, child0, child1) of `rank` in tree `which` of the double binary tree; -1 = none");
+
+  m.def(
+      "schedule_rounds",
+      [](int coll, int algo, int size, size_t count, size_t esize, int root, size_t pieceBytes,
+         bool inPlace) {
+        // Plans with symbolic buffers (buffer id in the top bits: 1 input, 2 output,
+        // 3 scratch), so that Python can replay the rounds on arrays (tests/cuda).
+        const uintptr_t unit = uintptr_t(1) << 40;
+        auto plans = [&](Plan& p, int r) {
+          CollArgs a{Coll(coll), Algo(algo), size, reinterpret_cast<char*>(2 * unit),
+                     reinterpret_cast<const char*>(1 * unit), reinterpret_cast<char*>(3 * unit),
+                     count, esize, root};
+          if (inPlace) {
+            if (Coll(coll) == Coll::ReduceScatter)
+              a.out = const_cast<char*>(a.in) + size_t(r) * count * esize;
+            else if (Coll(coll) == Coll::AllGather)
+              a.in = a.out + size_t(r) * count * esize;
+            else
+              a.in = a.out;
+          }
+          collectivePlan(p, r, a);
+        };
+        auto where = [&](const void* q) {
+          uintptr_t v = reinterpret_cast<uintptr_t>(q);
+          return std::make_tuple(int(v / unit), size_t(v % unit));
+        };
+        std::vector<Rounds> all = scheduleRounds(size, plans, pieceBytes);
+        py::list ranks;
+        for (int r = 0; r < size; ++r) {
+          Plan p;
+          plans(p, r);
+          py::list copies, rounds;
+          for (const LocalCopy& c : p.copies())
+            copies.append(py::make_tuple(where(c.dst), where(c.src), c.bytes));
+          for (const auto& round : all[r].rounds) {
+            py::list ops;
+            for (const RoundOp& op : round) {
+              const Task& t = p.tasks()[op.task];
+              ops.append(py::make_tuple(int(t.kind), t.peer, t.lane, where(t.src + op.offset),
+                                        where(t.dst + op.offset), op.bytes, op.scratch));
+            }
+            rounds.append(ops);
+          }
+          ranks.append(py::dict(py::arg("copies") = copies, py::arg("rounds") = rounds,
+                                py::arg("scratch_bytes") = all[r].scratchBytes));
+        }
+        return ranks;
+      },
+      py::arg("coll"), py::arg("algo"), py::arg("size"), py::arg("count"), py::arg("esize"),
+      py::arg("root"), py::arg("piece_bytes"), py::arg("in_place") = false,
+      "every rank's plan cut into bulk-synchronous rounds (algorithms/rounds.h), with "
+      "buffers as (id, offset): 1 input, 2 output, 3 scratch; ops are (kind 0 send, 1 "
+      "recv-copy, 2 recv-reduce; peer; lane; src; dst; bytes; scratch offset)");
 }

@@ -34,6 +34,7 @@ int p2pLane(const Transport& t) { return t.lanes() - 1; }
 void Communicator::run(Plan& plan, const OpDesc& desc, DType dtype, RedOp op, double timeoutS) {
   // Pending messages ride along: a rank blocked in a collective still delivers what it
   // posted, which its peers may need before they can join the collective.
+  for (const LocalCopy& c : plan.copies()) std::memmove(c.dst, c.src, c.bytes);
   const size_t first = plan.tasks().size();
   for (const Pending& p : pending_) plan.addOptional(p.task, p.desc);
   t_->execute(plan, desc, dtype, op, after(timeoutS));

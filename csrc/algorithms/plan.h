@@ -10,11 +10,22 @@
 #pragma once
 
 #include <cstddef>
+#include <initializer_list>
+#include <stdexcept>
 #include <vector>
 
 #include "common.h"
 
 namespace pycomm {
+
+// A copy inside this rank's memory that must happen before any task runs (an algorithm's
+// own block placed into the output, say).  Kept in the plan rather than done by the
+// algorithm so that a transport whose buffers live on a GPU can make it a device copy.
+struct LocalCopy {
+  char* dst;
+  const char* src;
+  size_t bytes;
+};
 
 struct Task {
   enum Kind { Send, RecvCopy, RecvReduce };
@@ -46,6 +57,12 @@ class Plan {
     return add(Task::RecvReduce, peer, lane, static_cast<char*>(dst),
                static_cast<const char*>(src), bytes, deps);
   }
+  // dst and src may overlap (executed as memmove).
+  void copy(void* dst, const void* src, size_t bytes) {
+    if (dst != src && bytes > 0)
+      copies_.push_back({static_cast<char*>(dst), static_cast<const char*>(src), bytes});
+  }
+  const std::vector<LocalCopy>& copies() const { return copies_; }
   std::vector<Task>& tasks() { return tasks_; }
   const std::vector<Task>& tasks() const { return tasks_; }
   // Point-to-point tasks carry their own descriptor (a per-peer sequence number).
@@ -80,6 +97,7 @@ class Plan {
   }
   std::vector<Task> tasks_;
   std::vector<OpDesc> descs_;
+  std::vector<LocalCopy> copies_;
 };
 
 }  // namespace pycomm

@@ -58,7 +58,7 @@ void ringReduceScatter(Plan& plan, int rank, int size, char* out, const char* in
                        size_t count, size_t esize) {
   if (count == 0) return;
   if (size == 1) {
-    if (out != in) std::memmove(out, in, count * esize);
+    plan.copy(out, in, count * esize);
     return;
   }
   Chunks ch{count * size_t(size), size};
@@ -70,7 +70,7 @@ void ringAllGather(Plan& plan, int rank, int size, char* out, const char* in, si
                    size_t esize) {
   const size_t block = count * esize;
   if (block == 0) return;
-  if (out + size_t(rank) * block != in) std::memcpy(out + size_t(rank) * block, in, block);
+  plan.copy(out + size_t(rank) * block, in, block);
   const int next = mod(rank + 1, size), prev = mod(rank - 1, size);
   int lastRecv = -1;
   for (int s = 0; s < size - 1; ++s) {

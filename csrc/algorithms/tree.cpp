@@ -60,7 +60,7 @@ void treeAllReduce(Plan& plan, int rank, int size, char* out, const char* in, si
                    size_t esize, int lanes) {
   if (count == 0) return;
   if (size == 1) {
-    if (out != in) std::memmove(out, in, count * esize);
+    plan.copy(out, in, count * esize);
     return;
   }
   const int trees = std::min(2, lanes);
@@ -88,8 +88,8 @@ void treeAllReduce(Plan& plan, int rank, int size, char* out, const char* in, si
     if (node.parent >= 0) {
       have = plan.recvCopy(node.parent, buf, bytes, {up}, t);
       result = buf;
-    } else if (out != in && last < 0) {
-      std::memcpy(buf, mine, bytes);  // a root with no children (not reached for size > 1)
+    } else if (last < 0) {
+      plan.copy(buf, mine, bytes);  // a root with no children (not reached for size > 1)
     }
     for (int c : node.child)
       if (c >= 0) plan.send(c, result, bytes, {have}, t);
@@ -119,7 +119,7 @@ void treeAllGather(Plan& plan, int rank, int size, char* out, const char* in, si
                    size_t esize) {
   const size_t block = count * esize;
   if (block == 0) return;
-  if (out + size_t(rank) * block != in) std::memcpy(out + size_t(rank) * block, in, block);
+  plan.copy(out + size_t(rank) * block, in, block);
   if (size == 1) return;
   TreeShape shape(size);
   const TreeNode& me = shape.nodes[rank];
