@@ -5,7 +5,9 @@
     torch.distributed.init_process_group("cpu:pycomm,cuda:nccl")   # CPU tensors on pycomm
 
 Each process group torch creates gets its own pycomm communicator (shared-memory segments
-agreed through the group's store, as in pycomm.init_process_group).  The collectives are
+agreed through the group's store, as in pycomm.init_process_group).  The backend is for one
+host: a group whose ranks are on several hosts raises CommError at creation, pointing to
+"cpu:gloo" (or nccl) across hosts, or to pycomm.init_process_group, whose groups span hosts.  The collectives are
 csrc/torch/backend.cpp: allreduce (and allreduce_coalesced), allgather and
 all_gather_into_tensor, reduce_scatter and reduce_scatter_tensor, broadcast, barrier, send
 and recv, each returning a Work with a future, run in order on the backend's own thread.
@@ -31,7 +33,7 @@ def _create(store, rank: int, size: int, timeout) -> "_C.TorchBackend":
     # re-created group gets fresh keys.
     generation = (store.add("pycomm/backend-starts", 1) - 1) // size
     key = f"pycomm/backend/{generation}/"
-    token, model = _start(store, key, rank, size, seconds)
+    token, model, _ = _start(store, key, rank, size, seconds, one_host=True)
     comm = _rendezvous(store, key + "shm/", rank, tuple(range(size)), token, seconds, "b")
     debug = os.environ.get("PYCOMM_DEBUG", "").upper() in ("INFO", "DEBUG")
     return _C.TorchBackend(comm, seconds, model.alpha, model.beta, model.gamma,

@@ -10,6 +10,10 @@ float16 and bfloat16 are reduced in float32: the tensor is upcast once, reduced,
 rounded once, so the result is the float32 reduction rounded to the tensor's dtype.
 Results are bitwise identical on every rank (each element is reduced by one rank, or at
 the root of a tree, and copied unchanged to the others).
+
+A group whose ranks span hosts is handed to pycomm._hierarchy after the checks: all_reduce
+is hierarchical (shared memory inside each host, gloo between hosts; plain gloo when hosts
+hold unequal numbers of ranks), the other operations go over gloo.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pycomm import _types, tuning
+from pycomm import _hierarchy, _types, tuning
 from pycomm.distributed import Group, group_or_world
 
 __all__ = [
@@ -114,7 +118,7 @@ def _algorithm(g: Group, collective: str, algorithm: str, nbytes: int) -> int:
         raise ValueError(f"unknown algorithm {algorithm!r}: use 'ring', 'tree' or 'auto'")
     if algorithm == "auto":
         algorithm = tuning.algorithm_override(collective) or g.model.choose(collective, nbytes, g.size)
-    if _DEBUG:
+    if _DEBUG and g._hier is None:  # groups across hosts log their own plan
         print(f"pycomm: {collective} of {nbytes} B on group {g.gid} (rank {g.rank}/{g.size}): "
               f"{algorithm} over shm", flush=True)
     return _types.ALGORITHMS[algorithm]
@@ -143,6 +147,8 @@ def all_reduce(tensor: torch.Tensor, op="sum", algorithm: str = "auto",
     _check_tensor("all_reduce", "tensor", tensor)
     name, code = _reduction("all_reduce", tensor.dtype, op)
     algo = _algorithm(g, "all_reduce", algorithm, tensor.numel() * tensor.element_size())
+    if g._hier is not None:
+        return _hierarchy.all_reduce(g, tensor, name, algorithm, async_op)
 
     def run():
         buf = _work_buffer(tensor)
@@ -177,6 +183,8 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, op="sum", algorith
                          "input[rank * n:(rank + 1) * n] as output for an in-place call")
     name, code = _reduction("reduce_scatter", input.dtype, op)
     algo = _algorithm(g, "reduce_scatter", algorithm, input.numel() * input.element_size())
+    if g._hier is not None:
+        return _hierarchy.reduce_scatter(g, output, input, name, async_op)
 
     def run():
         src, dst = _work_buffer(input), _work_buffer(output)
@@ -205,6 +213,8 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, algorithm: str = "auto
         raise ValueError("pycomm.all_gather: input overlaps output; pass separate tensors, or "
                          "output[rank * n:(rank + 1) * n] as input for an in-place call")
     algo = _algorithm(g, "all_gather", algorithm, output.numel() * output.element_size())
+    if g._hier is not None:
+        return _hierarchy.all_gather(g, output, input, async_op)
 
     def run():
         g._comm.all_gather(output.data_ptr(), input.data_ptr(), n,
@@ -222,6 +232,8 @@ def broadcast(tensor: torch.Tensor, src: int, group: Group | None = None, async_
         raise ValueError(f"pycomm.broadcast: src={src!r} is not a rank of this group (0..{g.size - 1})")
     nbytes = tensor.numel() * tensor.element_size()
     algo = _algorithm(g, "broadcast", "auto", nbytes)
+    if g._hier is not None:
+        return _hierarchy.broadcast(g, tensor, src, async_op)
 
     def run():
         g._comm.broadcast(tensor.data_ptr(), tensor.numel(), _types.DTYPE_CODES[tensor.dtype], src,
@@ -234,6 +246,8 @@ def broadcast(tensor: torch.Tensor, src: int, group: Group | None = None, async_
 def barrier(group: Group | None = None) -> None:
     """Returns once every rank of the group has entered the barrier."""
     g = group_or_world(group)
+    if g._hier is not None:
+        return _hierarchy.barrier(g)
     g._run(lambda: g._comm.barrier(g.timeout), False)
 
 
@@ -320,6 +334,8 @@ def _p2p(ops: list[P2POp], async_op: bool):
             raise ValueError(f"pycomm.{fn}: peer {o.peer!r} must be another rank of the group "
                              f"(0..{g.size - 1}, not this rank {g.rank})")
         items.append((kind, o.peer, o.tensor))
+    if g._hier is not None:
+        return _hierarchy.p2p(g, items, async_op)
     if g._comm is None:
         raise RuntimeError("pycomm: this group was destroyed; call init_process_group again")
     ids = [g._comm.post(k, p, t.data_ptr(), t.numel() * t.element_size(), g.timeout) for k, p, t in items]

@@ -1,7 +1,9 @@
 """Process groups: start-up, subgroups and shut-down.
 
 A group is a set of ranks with its own communicator (pycomm._C.Communicator) over its own
-shared-memory segments.  Start-up goes through a torch.distributed Store:
+shared-memory segments.  A group whose ranks are on several hosts (host identity: the boot
+id, or $PYCOMM_HOST_ID) is built by pycomm._hierarchy instead: shared memory among the
+members on each host, gloo between hosts.  Start-up goes through a torch.distributed Store:
 
 1. rank 0 of the job draws a random token; every segment name contains it, the group id
    and the rank, so two groups or two jobs on one host never collide;
@@ -25,11 +27,15 @@ import socket
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from pycomm import _C, tuning
 from pycomm.errors import CommError, CommTimeoutError
+
+if TYPE_CHECKING:
+    from pycomm import _hierarchy
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 _SEGMENT_RE = re.compile(r"^pycomm-[0-9a-f]+-[a-z0-9]+-r\d+-p(\d+)$")
@@ -56,6 +62,9 @@ class Group:
     """seconds any one collective may wait for a peer"""
     model: tuning.CostModel
     _comm: _C.Communicator | None = field(default=None, repr=False)
+    """the shared-memory communicator of a group on one host (None across hosts)"""
+    _hier: "_hierarchy.Hierarchy | None" = field(default=None, repr=False)
+    """a group across hosts: its per-host communicator and gloo groups (pycomm._hierarchy)"""
     _executor: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
     _last: concurrent.futures.Future | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -69,7 +78,7 @@ class Group:
         from pycomm.collectives import Work
 
         with self._lock:
-            if self._comm is None:
+            if self._comm is None and self._hier is None:
                 raise RuntimeError("pycomm: this group was destroyed; call init_process_group again")
             if async_op:
                 if self._executor is None:
@@ -90,8 +99,11 @@ class Group:
         with self._lock:
             ex, self._executor = self._executor, None
             self._comm = None
+            hier, self._hier = self._hier, None
         if ex is not None:
             ex.shutdown(wait=True)
+        if hier is not None:
+            hier.release()
 
 
 @dataclass
@@ -103,6 +115,8 @@ class _World:
     token: str
     timeout: float
     model: tuning.CostModel
+    hosts: tuple[str, ...]
+    """host identity of each global rank"""
     world: Group | None = None
     groups: list[Group] = field(default_factory=list)
     next_gid: int = 0
@@ -204,8 +218,8 @@ def _wait_keys(store: dist.Store, keys: dict[str, int], timeout: float, what: st
         ) from e
 
 
-def _rendezvous(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, ...], token: str,
-                timeout: float, label: str) -> _C.Communicator:
+def _shm_transport(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, ...], token: str,
+                   timeout: float, label: str) -> _C.ShmTransport:
     """The shared-memory set-up of one group (see the module docstring); every member
     calls it with the same prefix, token and label.  `ranks` (global ranks) name peers in
     errors."""
@@ -228,37 +242,55 @@ def _rendezvous(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, ...
                    f"map group {label}'s shared memory")
     finally:
         transport.unlink()  # mapped by everyone, or failed: either way the name goes
-    return _C.Communicator(transport)
+    return transport
 
 
-def _start(store: dist.Store, key: str, rank: int, size: int, timeout: float) -> tuple[str, tuning.CostModel]:
+def _rendezvous(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, ...], token: str,
+                timeout: float, label: str) -> _C.Communicator:
+    """A communicator over _shm_transport(...)."""
+    return _C.Communicator(_shm_transport(store, prefix, rank, ranks, token, timeout, label))
+
+
+def _start(store: dist.Store, key: str, rank: int, size: int, timeout: float,
+           one_host: bool = False) -> tuple[str, tuning.CostModel, tuple[str, ...]]:
     """What every group of one start-up shares, agreed through the store under `key`: the
-    token in segment names and rank 0's cost model (so all ranks pick alike).  Also checks
-    that all ranks share a host."""
+    token in segment names, rank 0's cost model (so all ranks pick alike) and each rank's
+    host.  one_host=True (the torch.distributed backend, which has no path between hosts)
+    refuses ranks on several hosts, naming them."""
     if rank == 0:
         _reap_stale_segments()
         store.set(key + "token", secrets.token_hex(8))
         store.set(key + "model", tuning.load().to_json())
     store.set(key + f"host/{rank}", _host_identity())
     _wait_keys(store, {key + f"host/{r}": r for r in range(size)}, timeout, "start pycomm")
-    hosts = [store.get(key + f"host/{r}").decode() for r in range(size)]
-    if len(set(hosts)) > 1:
+    hosts = tuple(store.get(key + f"host/{r}").decode() for r in range(size))
+    if one_host and len(set(hosts)) > 1:
         where = "; ".join(f"rank {r}: {h.split('/')[0]}" for r, h in enumerate(hosts))
         raise CommError(
-            "pycomm: the shared-memory transport needs every rank on one host, but " + where +
-            ". Run one process group per host, or use torch.distributed across hosts."
+            'pycomm: the torch.distributed backend "pycomm" moves data over shared memory and '
+            "needs every rank of a process group on one host, but " + where + '. Across hosts, '
+            'use torch.distributed\'s own backends (init_process_group("cpu:gloo,cuda:nccl")), '
+            "or pycomm.init_process_group(), whose groups span hosts (shared memory inside a "
+            "host, gloo between hosts)."
         )
     return (store.get(key + "token").decode(),
-            tuning.CostModel.from_json(store.get(key + "model").decode()))
+            tuning.CostModel.from_json(store.get(key + "model").decode()), hosts)
 
 
 def _connect(w: _World, ranks: tuple[int, ...], gid: int) -> Group:
     """Builds group `gid` over `ranks` (global ranks).  Every rank of the world calls it."""
     group = Group(ranks=ranks, rank=ranks.index(w.rank) if w.rank in ranks else -1, gid=gid,
                   timeout=w.timeout, model=w.model)
-    if group.rank >= 0:
-        group._comm = _rendezvous(w.store, f"pycomm/{w.generation}/g{gid}/", group.rank, ranks,
-                                  w.token, w.timeout, f"g{gid}")
+    if group.rank < 0:
+        return group
+    prefix = f"pycomm/{w.generation}/g{gid}/"
+    hosts = tuple(w.hosts[r] for r in ranks)
+    if len(set(hosts)) == 1:
+        group._comm = _rendezvous(w.store, prefix, group.rank, ranks, w.token, w.timeout, f"g{gid}")
+    else:
+        from pycomm import _hierarchy  # imports this module
+
+        group._hier = _hierarchy.connect(w.store, prefix, group, hosts, w.token)
     return group
 
 
@@ -272,6 +304,8 @@ def init_process_group(rank: int | None = None, world_size: int | None = None,
     init_method: "env://" (default: $MASTER_ADDR, $MASTER_PORT), "tcp://host:port" or
     "file:///path".  timeout: how long any collective (and start-up) may wait for a peer
     before raising CommTimeoutError naming it; default 5 minutes, or $PYCOMM_TIMEOUT seconds.
+    The ranks may be on several hosts (torchrun --nnodes N): groups that span hosts use
+    shared memory inside each host and gloo between hosts (pycomm._hierarchy).
     """
     global _world
     if _world is not None:
@@ -306,9 +340,9 @@ def init_process_group(rank: int | None = None, world_size: int | None = None,
     # A store may outlive one pycomm session (torch.distributed's, a reused file): count
     # start-ups so that each gets fresh keys.
     generation = (store.add("pycomm/starts", 1) - 1) // world_size
-    token, model = _start(store, f"pycomm/{generation}/", rank, world_size, seconds)
+    token, model, hosts = _start(store, f"pycomm/{generation}/", rank, world_size, seconds)
     w = _World(store=store, rank=rank, size=world_size, generation=generation, token=token,
-               timeout=seconds, model=model)
+               timeout=seconds, model=model, hosts=hosts)
     w.world = _connect(w, tuple(range(world_size)), 0)
     w.groups.append(w.world)
     w.next_gid = 1
@@ -319,7 +353,8 @@ def init_process_group(rank: int | None = None, world_size: int | None = None,
 def new_group(ranks) -> Group:
     """A group of the given global ranks.  Like torch.distributed.new_group, every rank of
     the world calls it, with the same ranks, in the same order as other new_group calls;
-    ranks outside the group get a placeholder whose rank is -1."""
+    ranks outside the group get a placeholder whose rank is -1.  A group on one host is
+    pure shared memory, whatever the world spans; one across hosts is hierarchical."""
     w = _require()
     try:
         members = sorted(int(r) for r in ranks)

@@ -240,21 +240,35 @@ def test_two_jobs_on_one_host_do_not_collide(pools):
         b.close()
 
 
-def job_two_hosts():
-    # Pretend each rank is on its own host: start-up must refuse, naming the hosts.
+def job_two_hosts(backend):
+    # Pretend each rank is on its own host.  pycomm.init_process_group starts a group across
+    # hosts (tests/collectives/test_hierarchical.py tests it); the torch.distributed backend
+    # "pycomm" has no path between hosts and must refuse, naming the hosts and what to use.
     pycomm.destroy_process_group()
     os.environ["PYCOMM_HOST_ID"] = f"node{world._rank}/boot"
     try:
-        pycomm.init_process_group(world._rank, world._size,
-                                  init_method=f"file://{world._store_dir}/two-hosts",
-                                  timeout=datetime.timedelta(seconds=20))
+        if backend:
+            dist = world.gloo()
+            dist.new_group([0, 1], backend="pycomm")
+            return "started"
+        g = pycomm.init_process_group(world._rank, world._size,
+                                      init_method=f"file://{world._store_dir}/two-hosts-{world._epoch}",
+                                      timeout=datetime.timedelta(seconds=20))
+        t = torch.full((3,), float(world._rank + 1))
+        pycomm.all_reduce(t)
+        return g._hier is not None, t.tolist()
     except pycomm.CommError as e:
         return str(e)
     finally:
         del os.environ["PYCOMM_HOST_ID"]
-    return "started"
 
 
-def test_ranks_on_different_hosts_are_refused(run):
-    for msg in run(2, job_two_hosts, fresh=True):
+def test_ranks_on_different_hosts_start_a_hierarchical_group(run):
+    for res in run(2, job_two_hosts, False, fresh=True):
+        assert res == (True, [3.0, 3.0, 3.0]), res
+
+
+def test_backend_across_hosts_says_what_to_use(run):
+    for msg in run(2, job_two_hosts, True, fresh=True):
         assert "one host" in msg and "rank 0: node0" in msg and "rank 1: node1" in msg, msg
+        assert '"cpu:gloo' in msg and "pycomm.init_process_group()" in msg, msg
