@@ -1,0 +1,173 @@
+// The C ABI of pycomm_cuda.h: each entry point runs its body, and turns any exception
+// into a return code and a per-thread message.
+#include "cuda/pycomm_cuda.h"
+
+#include <cuda.h>
+#include <nccl.h>
+
+#include <cstring>
+#include <string>
+
+#include "cuda/check.h"
+#include "cuda/ipc.cuh"
+#include "cuda/nccl.cuh"
+#include "cuda/reduce.cuh"
+
+using namespace pycomm;
+using namespace pycomm::cuda;
+
+namespace {
+
+thread_local std::string lastError;
+
+template <typename F>
+int guarded(F&& body) {
+  try {
+    body();
+    lastError.clear();
+    return 0;
+  } catch (const std::exception& e) {
+    lastError = e.what();
+  } catch (...) {
+    lastError = "unknown error";
+  }
+  return 1;
+}
+
+cudaStream_t asStream(void* s) { return static_cast<cudaStream_t>(s); }
+
+DType asDType(int d) {
+  if (d < 0 || d > int(DType::BF16)) fail("unknown dtype code " + std::to_string(d));
+  return DType(d);
+}
+
+RedOp asOp(int op) {
+  if (op < 0 || op > int(RedOp::Max)) fail("unknown reduction code " + std::to_string(op));
+  return RedOp(op);
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* pycomm_cuda_error(void) { return lastError.c_str(); }
+
+int pycomm_cuda_versions(int* runtime, int* driver, int* nccl) {
+  return guarded([&] {
+    *runtime = CUDART_VERSION;
+    // cudaDriverGetVersion reports 0 without failing when no driver is installed.
+    if (cudaDriverGetVersion(driver) != cudaSuccess) *driver = 0;
+    if (ncclGetVersion(nccl) != ncclSuccess) *nccl = 0;
+  });
+}
+
+int pycomm_cuda_device_count(int* count) {
+  return guarded([&] { PYCOMM_CUDA_CHECK(cudaGetDeviceCount(count)); });
+}
+
+int pycomm_cuda_memcpy(void* dst, const void* src, size_t bytes, void* stream) {
+  return guarded([&] {
+    PYCOMM_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, asStream(stream)));
+  });
+}
+
+int pycomm_cuda_reduce(void* dst, const void* a, const void* b, size_t count, int dtype, int op,
+                       void* stream) {
+  return guarded([&] {
+    const void* srcs[2] = {a, b};
+    reduce(dst, srcs, 2, count, asDType(dtype), asOp(op), asStream(stream));
+  });
+}
+
+int pycomm_nccl_unique_id(char id[PYCOMM_NCCL_ID_BYTES]) {
+  static_assert(sizeof(ncclUniqueId) == PYCOMM_NCCL_ID_BYTES, "NCCL unique ids are 128 bytes");
+  return guarded([&] {
+    ncclUniqueId u;
+    ncclResult_t r = ncclGetUniqueId(&u);
+    if (r != ncclSuccess) fail(std::string("ncclGetUniqueId: ") + ncclGetErrorString(r));
+    std::memcpy(id, &u, sizeof u);
+  });
+}
+
+int pycomm_nccl_init(void** comm, int device, int rank, int size, const char id[PYCOMM_NCCL_ID_BYTES],
+                     size_t piece_bytes) {
+  return guarded([&] {
+    ncclUniqueId u;
+    std::memcpy(&u, id, sizeof u);
+    *comm = new NcclComm(device, rank, size, u, piece_bytes);
+  });
+}
+
+int pycomm_nccl_destroy(void* comm) {
+  return guarded([&] { delete static_cast<NcclComm*>(comm); });
+}
+
+int pycomm_nccl_abort(void* comm) {
+  return guarded([&] { static_cast<NcclComm*>(comm)->abort(); });
+}
+
+int pycomm_nccl_scratch_bytes(void* comm, int coll, int algo, size_t count, int dtype, int root,
+                              size_t* bytes) {
+  return guarded([&] {
+    *bytes = static_cast<NcclComm*>(comm)->scratchBytes(Coll(coll), Algo(algo), count,
+                                                        asDType(dtype), root);
+  });
+}
+
+int pycomm_nccl_run(void* comm, int coll, int algo, void* out, const void* in, void* scratch,
+                    size_t count, int dtype, int op, int root, void* stream) {
+  return guarded([&] {
+    RedOp r = (coll == int(Coll::AllReduce) || coll == int(Coll::ReduceScatter)) ? asOp(op) : RedOp::None;
+    static_cast<NcclComm*>(comm)->run(Coll(coll), Algo(algo), out, in, scratch, count,
+                                      asDType(dtype), r, root, asStream(stream));
+  });
+}
+
+int pycomm_nccl_p2p(void* comm, int n, const int* is_send, void* const* bufs, const size_t* bytes,
+                    const int* peers, void* stream) {
+  return guarded([&] {
+    static_cast<NcclComm*>(comm)->p2p(n, is_send, bufs, bytes, peers, asStream(stream));
+  });
+}
+
+int pycomm_ipc_create(void** ipc, int device, size_t capacity, char handle[PYCOMM_IPC_HANDLE_BYTES]) {
+  static_assert(sizeof(cudaIpcMemHandle_t) == PYCOMM_IPC_HANDLE_BYTES, "IPC handles are 64 bytes");
+  return guarded([&] {
+    auto* b = new IpcBuffers(device, capacity);
+    cudaIpcMemHandle_t h = b->handle();
+    std::memcpy(handle, &h, sizeof h);
+    *ipc = b;
+  });
+}
+
+int pycomm_ipc_open(void* ipc, int rank, int size, const char* handles) {
+  return guarded([&] {
+    std::vector<cudaIpcMemHandle_t> hs(size);
+    std::memcpy(hs.data(), handles, size * sizeof(cudaIpcMemHandle_t));
+    static_cast<IpcBuffers*>(ipc)->open(rank, size, hs.data());
+  });
+}
+
+int pycomm_ipc_destroy(void* ipc) {
+  return guarded([&] { delete static_cast<IpcBuffers*>(ipc); });
+}
+
+int pycomm_ipc_pointer(void* ipc, void** mine) {
+  return guarded([&] { *mine = static_cast<IpcBuffers*>(ipc)->mine(); });
+}
+
+int pycomm_ipc_put(void* ipc, size_t offset, const void* src, size_t bytes, void* stream) {
+  return guarded([&] { static_cast<IpcBuffers*>(ipc)->put(offset, src, bytes, asStream(stream)); });
+}
+
+int pycomm_ipc_get(void* ipc, int peer, void* dst, size_t offset, size_t bytes, void* stream) {
+  return guarded([&] { static_cast<IpcBuffers*>(ipc)->get(peer, dst, offset, bytes, asStream(stream)); });
+}
+
+int pycomm_ipc_reduce(void* ipc, void* out, size_t offset, size_t count, int dtype, int op, void* stream) {
+  return guarded([&] {
+    static_cast<IpcBuffers*>(ipc)->reduce(out, offset, count, asDType(dtype), asOp(op), asStream(stream));
+  });
+}
+
+}  // extern "C"

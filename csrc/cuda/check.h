@@ -1,0 +1,25 @@
+// Error plumbing of the CUDA library: failures throw, and every C entry point (api.cu)
+// turns the exception into a return code and a message.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace pycomm::cuda {
+
+[[noreturn]] inline void fail(const std::string& what) { throw std::runtime_error(what); }
+
+#define PYCOMM_CUDA_CHECK(call)                                                         \
+  do {                                                                                  \
+    cudaError_t err_ = (call);                                                          \
+    if (err_ != cudaSuccess)                                                            \
+      ::pycomm::cuda::fail(std::string(#call) + ": " + cudaGetErrorString(err_));      \
+  } while (0)
+
+// The library links CUDA's runtime statically, so its notion of the current device is
+// its own, not torch's: every entry point that touches a device selects it first.
+inline void useDevice(int device) { PYCOMM_CUDA_CHECK(cudaSetDevice(device)); }
+
+}  // namespace pycomm::cuda

@@ -1,0 +1,45 @@
+// The NCCL point-to-point transport: pycomm's plans executed as rounds of grouped
+// ncclSend/ncclRecv (algorithms/rounds.h), reductions by our own kernels (reduce.cuh).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+
+#include "algorithms/rounds.h"
+#include "common.h"
+
+namespace pycomm::cuda {
+
+class NcclComm {
+ public:
+  NcclComm(int device, int rank, int size, const ncclUniqueId& id, size_t pieceBytes);
+  ~NcclComm();
+  void abort();
+
+  size_t scratchBytes(Coll coll, Algo algo, size_t count, DType dtype, int root);
+  void run(Coll coll, Algo algo, void* out, const void* in, void* scratch, size_t count,
+           DType dtype, RedOp op, int root, cudaStream_t stream);
+  void p2p(int n, const int* isSend, void* const* bufs, const size_t* bytes, const int* peers,
+           cudaStream_t stream);
+
+ private:
+  using Key = std::tuple<int, int, size_t, size_t, int>;  // coll, algo, count, esize, root
+  // This rank's rounds, computed once per shape (pointers do not change them).
+  const Rounds& rounds(const CollArgs& a);
+  static size_t algorithmScratch(const CollArgs& a) {
+    return a.coll == Coll::ReduceScatter ? a.count * size_t(a.size) * a.esize : 0;
+  }
+
+  int device_, rank_, size_;
+  size_t pieceBytes_;
+  ncclComm_t comm_ = nullptr;
+  std::mutex mu_;
+  std::map<Key, std::unique_ptr<Rounds>> cache_;
+};
+
+}  // namespace pycomm::cuda
