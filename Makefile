@@ -8,6 +8,11 @@ STAMP  := $(VENV)/.pycomm-installed
 # torch pin for the default set-up; an environment that already has torch keeps its own.
 TORCH_SPEC ?= torch==2.13.0
 CSRC   := $(shell find csrc -type f 2>/dev/null)
+# With nvcc on the machine, the CUDA transports (csrc/cuda) must compile: PYCOMM_CUDA=1
+# makes a compile error fail the install, so CI checks them on machines without a GPU.
+# NCCL's headers and library come from the nvidia-nccl wheel unless NCCL is installed.
+NVCC   := $(shell command -v nvcc 2>/dev/null)
+PYCOMM_CUDA ?= $(if $(NVCC),1,auto)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -19,7 +24,11 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml setup.py $(CSRC)
 	$(PY) -m pip install --upgrade "pip>=23" setuptools wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install --no-build-isolation -e ".[test]"
+ifneq ($(NVCC),)
+	$(PY) -c "import glob, sys; sys.exit(not any(glob.glob(p + '/nvidia/nccl/include/nccl.h') for p in sys.path))" \
+		|| [ -n "$$NCCL_HOME" ] || $(PY) -m pip install "nvidia-nccl-cu12>=2.19"
+endif
+	PYCOMM_CUDA=$(PYCOMM_CUDA) $(PY) -m pip install --no-build-isolation -e ".[test]"
 	@touch $@
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""Collectives and point-to-point operations on CPU tensors.
+"""Collectives and point-to-point operations on CPU and CUDA tensors.
 
 Every function checks its arguments before anything is sent: a bad tensor raises
 ``ValueError`` or ``TypeError`` saying what to do, leaves the caller's tensors untouched and
@@ -10,6 +10,10 @@ float16 and bfloat16 are reduced in float32: the tensor is upcast once, reduced,
 rounded once, so the result is the float32 reduction rounded to the tensor's dtype.
 Results are bitwise identical on every rank (each element is reduced by one rank, or at
 the root of a tree, and copied unchanged to the others).
+
+CUDA tensors go to pycomm._gpu: CUDA IPC between the ranks of one host, NCCL point-to-point
+carrying the same ring and tree plans otherwise.  As with torch.distributed's NCCL backend,
+a call on CUDA tensors returns once the work is ordered on the caller's current stream.
 
 A group whose ranks span hosts is handed to pycomm._hierarchy after the checks: all_reduce
 is hierarchical (shared memory inside each host, gloo between hosts; plain gloo when hosts
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pycomm import _hierarchy, _types, tuning
+from pycomm import _gpu, _hierarchy, _types, tuning
 from pycomm.distributed import Group, group_or_world
 
 __all__ = [
@@ -80,10 +84,10 @@ def _check_tensor(fn: str, arg: str, t) -> None:
         raise TypeError(f"pycomm.{fn}: {arg} must be a torch.Tensor, not {type(t).__name__}")
     if t.layout != torch.strided:
         raise TypeError(f"pycomm.{fn}: {arg} is a {t.layout} tensor; pass a dense one (.to_dense())")
-    if t.device.type != "cpu":
+    if t.device.type not in ("cpu", "cuda"):
         raise ValueError(
-            f"pycomm.{fn}: {arg} is on {t.device}, but this transport moves CPU memory between "
-            "processes; pass a CPU tensor (.cpu()) — GPU transports are not available yet"
+            f"pycomm.{fn}: {arg} is on {t.device}; pycomm moves CPU tensors (shared memory) and "
+            "CUDA tensors (CUDA IPC, NCCL): pass t.cpu() or a CUDA tensor"
         )
     if t.dtype not in _types.DTYPE_CODES:
         raise TypeError(f"pycomm.{fn}: {arg} has dtype {t.dtype}; supported: {_types.SUPPORTED}")
@@ -97,6 +101,9 @@ def _check_tensor(fn: str, arg: str, t) -> None:
 def _check_pair(fn: str, out: torch.Tensor, inp: torch.Tensor, out_numel: int) -> None:
     _check_tensor(fn, "output", out)
     _check_tensor(fn, "input", inp)
+    if out.device != inp.device:
+        raise ValueError(f"pycomm.{fn}: output is on {out.device} but input is on {inp.device}; "
+                         "use one device")
     if out.dtype != inp.dtype:
         raise TypeError(f"pycomm.{fn}: output is {out.dtype} but input is {inp.dtype}; use one dtype")
     if out.numel() != out_numel:
@@ -113,9 +120,14 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
-def _algorithm(g: Group, collective: str, algorithm: str, nbytes: int) -> int:
+def _check_algorithm(algorithm: str) -> str:
     if algorithm not in ("auto", "ring", "tree"):
         raise ValueError(f"unknown algorithm {algorithm!r}: use 'ring', 'tree' or 'auto'")
+    return algorithm
+
+
+def _algorithm(g: Group, collective: str, algorithm: str, nbytes: int) -> int:
+    _check_algorithm(algorithm)
     if algorithm == "auto":
         algorithm = tuning.algorithm_override(collective) or g.model.choose(collective, nbytes, g.size)
     if _DEBUG and g._hier is None:  # groups across hosts log their own plan
@@ -142,10 +154,14 @@ def _work_buffer(t: torch.Tensor) -> torch.Tensor:
 
 def all_reduce(tensor: torch.Tensor, op="sum", algorithm: str = "auto",
                group: Group | None = None, async_op: bool = False):
-    """Reduces `tensor` across the group, in place, on every rank."""
+    """Reduces `tensor` across the group, in place, on every rank.  On a group across
+    hosts: shared memory inside each host and gloo between them (plain gloo if hosts hold
+    unequal numbers of the group's ranks); see pycomm._hierarchy."""
     g = group_or_world(group)
     _check_tensor("all_reduce", "tensor", tensor)
     name, code = _reduction("all_reduce", tensor.dtype, op)
+    if tensor.is_cuda:
+        return _gpu.all_reduce(g, tensor, name, code, _check_algorithm(algorithm), async_op)
     algo = _algorithm(g, "all_reduce", algorithm, tensor.numel() * tensor.element_size())
     if g._hier is not None:
         return _hierarchy.all_reduce(g, tensor, name, algorithm, async_op)
@@ -182,6 +198,8 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, op="sum", algorith
         raise ValueError("pycomm.reduce_scatter: output overlaps input; pass separate tensors, or "
                          "input[rank * n:(rank + 1) * n] as output for an in-place call")
     name, code = _reduction("reduce_scatter", input.dtype, op)
+    if input.is_cuda:
+        return _gpu.reduce_scatter(g, output, input, name, code, _check_algorithm(algorithm), async_op)
     algo = _algorithm(g, "reduce_scatter", algorithm, input.numel() * input.element_size())
     if g._hier is not None:
         return _hierarchy.reduce_scatter(g, output, input, name, async_op)
@@ -212,6 +230,8 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, algorithm: str = "auto
     if _overlap(output, input) and not in_place:
         raise ValueError("pycomm.all_gather: input overlaps output; pass separate tensors, or "
                          "output[rank * n:(rank + 1) * n] as input for an in-place call")
+    if input.is_cuda:
+        return _gpu.all_gather(g, output, input, _check_algorithm(algorithm), async_op)
     algo = _algorithm(g, "all_gather", algorithm, output.numel() * output.element_size())
     if g._hier is not None:
         return _hierarchy.all_gather(g, output, input, async_op)
@@ -231,6 +251,8 @@ def broadcast(tensor: torch.Tensor, src: int, group: Group | None = None, async_
     if not isinstance(src, int) or not 0 <= src < g.size:
         raise ValueError(f"pycomm.broadcast: src={src!r} is not a rank of this group (0..{g.size - 1})")
     nbytes = tensor.numel() * tensor.element_size()
+    if tensor.is_cuda:
+        return _gpu.broadcast(g, tensor, src, async_op)
     algo = _algorithm(g, "broadcast", "auto", nbytes)
     if g._hier is not None:
         return _hierarchy.broadcast(g, tensor, src, async_op)
@@ -334,6 +356,15 @@ def _p2p(ops: list[P2POp], async_op: bool):
             raise ValueError(f"pycomm.{fn}: peer {o.peer!r} must be another rank of the group "
                              f"(0..{g.size - 1}, not this rank {g.rank})")
         items.append((kind, o.peer, o.tensor))
+    devices = {t.device.type for _, _, t in items}
+    if len(devices) > 1:
+        raise ValueError("batch_isend_irecv: mix of CPU and CUDA tensors; use one device per batch")
+    if "cuda" in devices:
+        work = _gpu.p2p(g, items, True)
+        if async_op:
+            return work
+        work.wait()
+        return None
     if g._hier is not None:
         return _hierarchy.p2p(g, items, async_op)
     if g._comm is None:

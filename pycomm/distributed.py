@@ -65,6 +65,8 @@ class Group:
     """the shared-memory communicator of a group on one host (None across hosts)"""
     _hier: "_hierarchy.Hierarchy | None" = field(default=None, repr=False)
     """a group across hosts: its per-host communicator and gloo groups (pycomm._hierarchy)"""
+    _gpu: object = field(default=None, repr=False)
+    """CUDA resources, made by the group's first collective on CUDA tensors (pycomm._gpu)"""
     _executor: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
     _last: concurrent.futures.Future | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -102,6 +104,10 @@ class Group:
             hier, self._hier = self._hier, None
         if ex is not None:
             ex.shutdown(wait=True)
+        if self._gpu is not None:
+            from pycomm import _gpu
+
+            _gpu.close(self)
         if hier is not None:
             hier.release()
 

@@ -5,10 +5,11 @@ import pytest
 import pycomm
 from pycomm import _cuda
 
-pytestmark = pytest.mark.skipif(
+_needs_lib = pytest.mark.skipif(
     not _cuda.built(), reason="pycomm was built without CUDA (no nvcc or NCCL at build time)")
 
 
+@_needs_lib
 def test_library_loads_with_every_entry_point():
     lib = _cuda._load()  # resolves every symbol of pycomm_cuda.h: a stale build fails here
     assert all(hasattr(lib, name) for name in _cuda._SIGNATURES)
@@ -16,6 +17,7 @@ def test_library_loads_with_every_entry_point():
     assert v["cuda_runtime"] >= 12000 and v["nccl"] >= 21800, v
 
 
+@_needs_lib
 def test_status_says_why_cuda_cannot_run(monkeypatch):
     import torch
 
@@ -28,6 +30,7 @@ def test_status_says_why_cuda_cannot_run(monkeypatch):
         _cuda.require()
 
 
+@_needs_lib
 def test_errors_come_back_as_messages():
     # Without a driver every CUDA call fails; the message must name the call.
     import torch
@@ -38,3 +41,23 @@ def test_errors_come_back_as_messages():
         _cuda._call("pycomm_cuda_device_count", _cuda.ctypes.byref(_cuda._I()))
     with pytest.raises(pycomm.CommError, match="unknown dtype code 9"):
         _cuda.reduce(0, 0, 0, 1, 9, 0, 0)
+
+
+def job_device_errors():
+    import torch
+
+    msgs = []
+    for call in (lambda: pycomm.all_reduce(torch.ones(4, device="meta")),
+                 lambda: pycomm.all_gather(torch.empty(4, device="meta"), torch.ones(4))):
+        try:
+            call()
+            msgs.append("accepted")
+        except ValueError as e:
+            msgs.append(str(e))
+    return msgs
+
+
+def test_tensors_on_other_devices_are_refused(run):
+    meta, mixed = run(1, job_device_errors)[0]
+    assert "is on meta" in meta and "CUDA tensor" in meta, meta
+    assert "is on meta" in mixed, mixed
