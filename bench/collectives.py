@@ -1,6 +1,6 @@
 """nccl-tests-style benchmark of pycomm's collectives against torch.distributed's gloo.
 
-    python -m bench [--nprocs 2] [-b 8] [-e 64M] [-f 2] [--dtype float32]
+    python -m bench [--nprocs 2] [-b 8] [-e 64M] [-f 2] [--dtype float32] [--device cpu|cuda]
                     [--algorithms ring,tree,auto] [--ops all_reduce,reduce_scatter,all_gather]
                     [--iters N] [--warmup N] [--no-gloo] [--json PATH] [--plot PATH]
 
@@ -11,6 +11,12 @@ algbw x 2(n-1)/n for all-reduce, x (n-1)/n for reduce-scatter and all-gather (GB
 and #wrong: elements that differ from the exact expected result (inputs are small integers,
 so every result is exact).  Gloo runs the same sizes in the same processes, in the same
 run, and the last columns give its time, busbw and pycomm's speed-up over it.
+
+With --device cuda the tensors live on the GPU (rank r on GPU r % device_count: several
+ranks share one GPU when there are more ranks than GPUs, over CUDA IPC), gloo is left
+out, and the anchor is the device's own copy bandwidth, measured in the same run on the
+same sizes: a device-to-device copy of the buffer (bytes / time, like algbw), and the
+last column is busbw / copy bandwidth.
 """
 from __future__ import annotations
 
@@ -79,6 +85,15 @@ def _rank_main(cfg: dict):
     rank, n = pycomm.get_rank(), pycomm.get_world_size()
     dtype = getattr(torch, cfg["dtype"])
     esize = torch.tensor([], dtype=dtype).element_size()
+    cuda = cfg["device"] == "cuda"
+    dev = torch.device("cpu")
+    if cuda:
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
     if cfg["gloo"]:
         dist.init_process_group("gloo", init_method=f"file://{cfg['gloo_store']}", rank=rank,
                                 world_size=n, timeout=datetime.timedelta(seconds=300))
@@ -91,19 +106,39 @@ def _rank_main(cfg: dict):
     def timed(fn, iters, warmup):
         for _ in range(warmup):
             fn()
+        sync()
         pycomm.barrier()
         start = time.perf_counter()
         for _ in range(iters):
             fn()
+        sync()
         return slowest((time.perf_counter() - start) / iters)
+
+    def copy_seconds(nbytes: int, iters: int) -> float:
+        """The anchor on a GPU: one device-to-device copy of the buffer, rank 0 alone."""
+        seconds = 0.0
+        if rank == 0:
+            a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+            b = torch.empty_like(a)
+            for _ in range(3):
+                b.copy_(a)
+            sync()
+            start = time.perf_counter()
+            for _ in range(iters):
+                b.copy_(a)
+            sync()
+            seconds = (time.perf_counter() - start) / iters
+        pycomm.barrier()
+        return slowest(seconds)
 
     # Warm up before the first row (as nccl-tests does): the first collectives of a process
     # pay for page faults, lazy initialisation and gloo's start-up.
-    warm = torch.ones(1 << 18, dtype=dtype)
-    for algorithm in ("ring", "tree"):
+    warm = torch.ones(1 << 18, dtype=dtype, device=dev)
+    for algorithm in cfg["algorithms"] if cuda else ("ring", "tree"):
         for _ in range(50):
             pycomm.all_reduce(warm[:2], algorithm=algorithm)
         pycomm.all_reduce(warm, algorithm=algorithm)
+    sync()
     pycomm.barrier()
 
     progress = None
@@ -122,8 +157,9 @@ def _rank_main(cfg: dict):
                 count = max(count // n, 1) * n  # whole blocks per rank
             nbytes = count * esize
             iters = _iters_for(nbytes, cfg["iters"])
-            inp, out, want = _verifiable(op, rank, n, count, dtype)
+            inp, out, want = (t.to(dev) for t in _verifiable(op, rank, n, count, dtype))
             row_gloo = None
+            copy_s = copy_seconds(nbytes, iters) if cuda else None
             if cfg["gloo"]:
                 g_in, g_out = inp.clone(), out.clone()
                 gfn = {
@@ -145,7 +181,7 @@ def _rank_main(cfg: dict):
                     fn = lambda: pycomm.all_gather(out, src, algorithm=algorithm)  # noqa: E731
                 seconds = timed(fn, iters, cfg["warmup"])
                 # Check once, outside the timing, on fresh inputs.
-                chk_in, chk_out, chk_want = _verifiable(op, rank, n, count, dtype)
+                chk_in, chk_out, chk_want = (t.to(dev) for t in _verifiable(op, rank, n, count, dtype))
                 if op == "all_reduce":
                     pycomm.all_reduce(chk_in, algorithm=algorithm)
                     chk_out = chk_in
@@ -153,6 +189,7 @@ def _rank_main(cfg: dict):
                     pycomm.reduce_scatter(chk_out, chk_in, algorithm=algorithm)
                 else:
                     pycomm.all_gather(chk_out, chk_in, algorithm=algorithm)
+                sync()
                 wrong = torch.tensor([int((chk_out != chk_want).sum())], dtype=torch.int64)
                 pycomm.all_reduce(wrong)
                 chosen = algorithm
@@ -169,6 +206,10 @@ def _rank_main(cfg: dict):
                                speedup=row_gloo / seconds)
                 elif row_gloo is not None:
                     row.update(gloo_error=row_gloo)
+                if copy_s:
+                    copy_gbps = nbytes / copy_s / 1e9
+                    row.update(copy_us=copy_s * 1e6, copy_gbps=copy_gbps,
+                               busbw_vs_copy=row["busbw"] / copy_gbps)
                 rows.append(row)
             if progress:
                 progress.advance(bar)
@@ -187,11 +228,16 @@ def format_table(rows: list[dict], nprocs: int) -> str:
         if not sel:
             continue
         out.append(f"# {op} on {nprocs} processes ({sel[0]['type']})")
+        anchor = ("copy(us)", "GB/s", "bus/cp") if "copy_gbps" in sel[0] else ("gloo(us)", "busbw", "speedup")
         out.append(f"#{'size':>11} {'count':>10} {'type':>8} {'redop':>5} {'algo':>10} {'time(us)':>10} "
-                   f"{'algbw':>7} {'busbw':>7} {'#wrong':>6} | {'gloo(us)':>10} {'busbw':>7} {'speedup':>7}")
+                   f"{'algbw':>7} {'busbw':>7} {'#wrong':>6} | {anchor[0]:>10} {anchor[1]:>7} {anchor[2]:>7}")
         for r in sel:
-            gloo = (f"{r['gloo_time_us']:10.1f} {r['gloo_busbw']:7.2f} {r['speedup']:6.1f}x"
-                    if "gloo_time_us" in r else f"{'n/a':>10} {'':>7} {'':>7}")
+            if "copy_gbps" in r:  # on a GPU: the copy anchor, and busbw as a fraction of it
+                gloo = f"{r['copy_us']:10.1f} {r['copy_gbps']:7.1f} {r['busbw_vs_copy']:6.2f}x"
+            elif "gloo_time_us" in r:
+                gloo = f"{r['gloo_time_us']:10.1f} {r['gloo_busbw']:7.2f} {r['speedup']:6.1f}x"
+            else:
+                gloo = f"{'n/a':>10} {'':>7} {'':>7}"
             out.append(f" {r['size']:11d} {r['count']:10d} {r['type']:>8} {r['redop']:>5} {r['algorithm']:>10} "
                        f"{r['time_us']:10.1f} {r['algbw']:7.2f} {r['busbw']:7.2f} {r['wrong']:6d} | {gloo}")
         wrong = sum(r["wrong"] for r in sel)
@@ -248,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", "-i", type=int, default=None, help="iterations per size (default: by size)")
     p.add_argument("--warmup", "-w", type=int, default=3)
     p.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the tensors live (cuda: CUDA IPC for 'auto', NCCL for ring/tree)")
     p.add_argument("--json", metavar="PATH", help="write the rows and the machine to a JSON file")
     p.add_argument("--plot", metavar="PATH", default="bench/out/collectives.png",
                    help="PNG of busbw against size (default bench/out/collectives.png; '' for none)")
@@ -283,12 +331,23 @@ def main(argv=None) -> int:
     if bad:
         print(f"unknown collective or algorithm: {bad}", file=sys.stderr)
         return 2
+    if args.device == "cuda" and args.algorithms == "ring,tree":
+        algorithms = ["auto"]  # CUDA IPC; ring and tree run over NCCL, one GPU per rank
     info = machine()
+    if args.device == "cuda":
+        import torch
+
+        info.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
+        from pycomm import _cuda
+
+        info.update(_cuda.versions())
+        info["cpu"] = f"{info['gpu']} (CUDA {info['cuda']})"
     print(f"# pycomm collectives benchmark: {args.nprocs} processes, {info['cpu']} ({info['cores']} cores), "
           f"torch {info['torch']}, {info['date']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="pycomm-bench-") as tmp:
         cfg = dict(dtype=args.dtype, sizes=_sizes(args.begin, args.end, args.factor), ops=ops,
-                   algorithms=algorithms, iters=args.iters, warmup=args.warmup, gloo=not args.no_gloo,
+                   algorithms=algorithms, iters=args.iters, warmup=args.warmup,
+                   gloo=not args.no_gloo and args.device == "cpu", device=args.device,
                    gloo_store=os.path.join(tmp, "gloo"), progress=not args.no_progress)
         rows = pycomm.launch.run(_rank_main, args.nprocs, args=(cfg,), collective_timeout=300)[0]
     print(format_table(rows, args.nprocs))
@@ -302,6 +361,10 @@ def main(argv=None) -> int:
     for r in small:
         print(f"all_reduce 8 B {r['algorithm']}: {r['time_us']:.1f} us vs gloo {r['gloo_time_us']:.1f} us "
               f"({r['gloo_time_us'] / r['time_us']:.1f}x lower latency)")
+    for r in rows:
+        if "copy_gbps" in r and (r["size"] in (8, 1 << 20) or r["size"] == max(x["size"] for x in rows)):
+            print(f"{r['op']} {r['size']} B {r['algorithm']}: {r['time_us']:.1f} us, busbw {r['busbw']:.1f} GB/s "
+                  f"= {r['busbw_vs_copy']:.2f}x the device copy ({r['copy_gbps']:.1f} GB/s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=info, nprocs=args.nprocs, rows=rows), f, indent=1)
