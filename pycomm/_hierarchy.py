@@ -99,7 +99,7 @@ class Hierarchy:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
-    def hosts(self) -> int:
+    def num_hosts(self) -> int:
         return len(self.host_members)
 
     def global_ranks(self, group_ranks) -> list[int]:
@@ -148,14 +148,19 @@ class Hierarchy:
                    f"{self.ranks[self.rank]}: {e} [ranks in that message are local: {where}]")
             raise self.fail(type(e), msg) from e
 
+    def _gloo_group(self, which: str) -> dist.ProcessGroupGloo:
+        pg = getattr(self, which)
+        if pg is None:  # released by a failure (maybe on another thread) or by destroy
+            self.check()
+        return pg
+
     def gloo_stage(self, what: str, which: str, fn, wait: bool = True):
         """Runs fn(gloo group `which`: "cross" or "whole"), which returns a gloo Work, and
         waits for it (wait=False: returns it, posted).  A gloo error or time-out becomes
         CommError / CommTimeoutError naming the stage and the global ranks."""
-        self.check()
         try:
             # No local name here holds the gloo group: fail() must drop its last reference.
-            work = fn(getattr(self, which))
+            work = fn(self._gloo_group(which))
             if wait:
                 work.wait()
             return work
@@ -208,8 +213,7 @@ def connect(store: dist.Store, prefix: str, group: Group, hosts: tuple[str, ...]
                 store, f"{prefix}h{host}/", h.local_index, tuple(h.global_ranks(members[host])),
                 token, group.timeout, f"g{group.gid}h{host}")
             h.local = _C.Communicator(h._transport)
-        if h.per_host is not None and h.per_host > 1:
-            h.cross = _gloo(store, f"{prefix}x{h.local_index}/", host, h.hosts, group.timeout)
+            h.cross = _gloo(store, f"{prefix}x{h.local_index}/", host, h.num_hosts, group.timeout)
         h.whole = _gloo(store, f"{prefix}gloo/", group.rank, group.size, group.timeout)
         if h.per_host == 1:
             h.cross = h.whole  # one rank per host: the same ranks in the same order
@@ -262,20 +266,20 @@ def all_reduce(g: Group, tensor: torch.Tensor, op: str, algorithm: str, async_op
     if L is None:
         counts = ", ".join(str(len(m)) for m in h.host_members)
         _log(g, "all_reduce", nbytes,
-             f"over gloo ({h.hosts} hosts with {counts} ranks: unequal, so not hierarchical)")
+             f"over gloo ({h.num_hosts} hosts with {counts} ranks: unequal, so not hierarchical)")
         return g._run(lambda: _flat_all_reduce(h, tensor, op), async_op)
     acc = _acc(tensor.dtype)
     shard = -(-n // L)
     bytes_ = L * shard * torch.empty(0, dtype=acc).element_size()
     if L == 1:
         rs_algo = ag_algo = None
-        _log(g, "all_reduce", nbytes, f"hierarchical: all_reduce over gloo ({h.hosts} hosts, 1 rank each)")
+        _log(g, "all_reduce", nbytes, f"hierarchical: all_reduce over gloo ({h.num_hosts} hosts, 1 rank each)")
     else:
         rs_algo = _local_algorithm(g, "reduce_scatter", algorithm, bytes_)
         ag_algo = _local_algorithm(g, "all_gather", algorithm, bytes_)
         _log(g, "all_reduce", nbytes,
              f"hierarchical: reduce_scatter {rs_algo} over shm ({L} ranks) + all_reduce over gloo "
-             f"({h.hosts} hosts) + all_gather {ag_algo} over shm")
+             f"({h.num_hosts} hosts) + all_gather {ag_algo} over shm")
 
     def run():
         flat = tensor.view(-1)
@@ -319,7 +323,7 @@ def _flat_all_reduce(h: Hierarchy, tensor: torch.Tensor, op: str) -> torch.Tenso
 def reduce_scatter(g: Group, output: torch.Tensor, input: torch.Tensor, op: str, async_op: bool):
     """pycomm.reduce_scatter on a group across hosts: one gloo reduce-scatter."""
     h = g._hier
-    _log(g, "reduce_scatter", input.numel() * input.element_size(), f"over gloo ({h.hosts} hosts)")
+    _log(g, "reduce_scatter", input.numel() * input.element_size(), f"over gloo ({h.num_hosts} hosts)")
 
     def run():
         acc = _acc(input.dtype)
@@ -339,7 +343,7 @@ def reduce_scatter(g: Group, output: torch.Tensor, input: torch.Tensor, op: str,
 def all_gather(g: Group, output: torch.Tensor, input: torch.Tensor, async_op: bool):
     """pycomm.all_gather on a group across hosts: one gloo all-gather."""
     h = g._hier
-    _log(g, "all_gather", output.numel() * output.element_size(), f"over gloo ({h.hosts} hosts)")
+    _log(g, "all_gather", output.numel() * output.element_size(), f"over gloo ({h.num_hosts} hosts)")
 
     def run():
         src = input.reshape(-1).clone()  # input may be output's own chunk
@@ -352,7 +356,7 @@ def all_gather(g: Group, output: torch.Tensor, input: torch.Tensor, async_op: bo
 def broadcast(g: Group, tensor: torch.Tensor, src: int, async_op: bool):
     """pycomm.broadcast on a group across hosts: one gloo broadcast."""
     h = g._hier
-    _log(g, "broadcast", tensor.numel() * tensor.element_size(), f"over gloo ({h.hosts} hosts)")
+    _log(g, "broadcast", tensor.numel() * tensor.element_size(), f"over gloo ({h.num_hosts} hosts)")
 
     def run():
         opts = dist.BroadcastOptions()

@@ -335,6 +335,8 @@ def job_peer_skips(layout, timeout, late):
         first = (None, "no error", time.monotonic() - start)
     except pycomm.CommError as e:
         first = (type(e).__name__, str(e), time.monotonic() - start)
+    if r == 2:
+        time.sleep(timeout)  # keeps its group: only the failure itself may tell rank 0
     try:
         pycomm.all_reduce(torch.ones(10))
         again = "no error"
@@ -364,8 +366,9 @@ def test_peer_that_never_calls_is_named_in_time(run):
     e1, m1, _ = results[1][0]
     assert e1 == "CommTimeoutError" and "stage 2/3" in m1 and "gloo among global ranks [1, 3]" in m1, m1
     # Rank 2 gave up and said so by closing its gloo connections: rank 0, waiting for it
-    # across hosts, fails then, well before its own time-out, naming the ranks of the stage.
+    # across hosts, fails then (a closed connection, not a time-out: rank 2 keeps its group
+    # for a whole time-out after failing), naming the ranks of the stage.
     e0, m0, t0 = results[0][0]
     assert e0 == "CommError" and "gloo among global ranks [0, 2] failed" in m0, m0
-    assert t0 < timeout - late / 2, f"rank 0 took {t0:.1f} s: {m0}"
+    assert t0 < timeout, f"rank 0 took {t0:.1f} s: {m0}"
     assert world.segments() == []
