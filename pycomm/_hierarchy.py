@@ -270,7 +270,7 @@ def all_reduce(g: Group, tensor: torch.Tensor, op: str, algorithm: str, async_op
         return g._run(lambda: _flat_all_reduce(h, tensor, op), async_op)
     acc = _acc(tensor.dtype)
     shard = -(-n // L)
-    bytes_ = L * shard * torch.empty(0, dtype=acc).element_size()
+    bytes_ = L * shard * acc.itemsize
     if L == 1:
         rs_algo = ag_algo = None
         _log(g, "all_reduce", nbytes, f"hierarchical: all_reduce over gloo ({h.num_hosts} hosts, 1 rank each)")
