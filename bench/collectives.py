@@ -1,6 +1,7 @@
 """nccl-tests-style benchmark of pycomm's collectives against torch.distributed's gloo.
 
     python -m bench [--nprocs 2] [-b 8] [-e 64M] [-f 2] [--dtype float32] [--device cpu|cuda]
+                    [--hosts H]
                     [--algorithms ring,tree,auto] [--ops all_reduce,reduce_scatter,all_gather]
                     [--iters N] [--warmup N] [--no-gloo] [--json PATH] [--plot PATH]
 
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", "-i", type=int, default=None, help="iterations per size (default: by size)")
     p.add_argument("--warmup", "-w", type=int, default=3)
     p.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
+    p.add_argument("--hosts", type=int, default=1,
+                   help="simulate this many hosts (ranks in blocks, PYCOMM_HOST_ID): all_reduce "
+                        "runs hierarchically, the rest over gloo")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the tensors live (cuda: CUDA IPC for 'auto', NCCL for ring/tree)")
     p.add_argument("--json", metavar="PATH", help="write the rows and the machine to a JSON file")
@@ -342,14 +346,18 @@ def main(argv=None) -> int:
 
         info.update(_cuda.versions())
         info["cpu"] = f"{info['gpu']} (CUDA {info['cuda']})"
-    print(f"# pycomm collectives benchmark: {args.nprocs} processes, {info['cpu']} ({info['cores']} cores), "
+    if args.hosts > 1:
+        info["hosts"] = args.hosts
+    print(f"# pycomm collectives benchmark: {args.nprocs} processes"
+          f"{f' as {args.hosts} simulated hosts' if args.hosts > 1 else ''}, {info['cpu']} ({info['cores']} cores), "
           f"torch {info['torch']}, {info['date']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="pycomm-bench-") as tmp:
         cfg = dict(dtype=args.dtype, sizes=_sizes(args.begin, args.end, args.factor), ops=ops,
                    algorithms=algorithms, iters=args.iters, warmup=args.warmup,
                    gloo=not args.no_gloo and args.device == "cpu", device=args.device,
                    gloo_store=os.path.join(tmp, "gloo"), progress=not args.no_progress)
-        rows = pycomm.launch.run(_rank_main, args.nprocs, args=(cfg,), collective_timeout=300)[0]
+        rows = pycomm.launch.run(_rank_main, args.nprocs, args=(cfg,), collective_timeout=300,
+                                 hosts=args.hosts)[0]
     print(format_table(rows, args.nprocs))
     for op in ops:
         for target in (16 << 20, 64 << 20):

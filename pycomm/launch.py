@@ -25,9 +25,12 @@ class RankError(RuntimeError):
         self.rank = rank
 
 
-def _worker(rank, nprocs, store_path, timeout_s, fn, args, env, queue):
+def _worker(rank, nprocs, store_path, timeout_s, fn, args, env, queue, hosts):
     os.environ.update(env)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(rank)})
+    local = rank % (nprocs // hosts)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(local)})
+    if hosts > 1:  # pretend: contiguous blocks of ranks on each "host"
+        os.environ["PYCOMM_HOST_ID"] = f"simulated-host-{rank // (nprocs // hosts)}"
     import pycomm
 
     try:
@@ -43,20 +46,26 @@ def _worker(rank, nprocs, store_path, timeout_s, fn, args, env, queue):
 
 
 def run(fn, nprocs: int, args: tuple = (), timeout: float | None = None,
-        collective_timeout: float = 60.0, env: dict[str, str] | None = None) -> list:
+        collective_timeout: float = 60.0, env: dict[str, str] | None = None,
+        hosts: int = 1) -> list:
     """fn(*args) on ranks 0..nprocs-1; returns their results in rank order.
 
     fn must be importable (a module-level function).  timeout bounds the whole run
-    (default: none); collective_timeout is the process group's timeout.
+    (default: none); collective_timeout is the process group's timeout.  hosts > 1
+    simulates that many hosts (ranks in contiguous blocks, each block its own
+    PYCOMM_HOST_ID), which runs the multi-host code paths on one machine.
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be at least 1, got {nprocs}")
+    if hosts < 1 or nprocs % hosts:
+        raise ValueError(f"hosts={hosts} must divide nprocs={nprocs}")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="pycomm-launch-") as tmp:
         store = os.path.join(tmp, "store")
         procs = [ctx.Process(target=_worker, daemon=True,
-                             args=(r, nprocs, store, collective_timeout, fn, args, dict(env or {}), queue))
+                             args=(r, nprocs, store, collective_timeout, fn, args, dict(env or {}), queue,
+                                   hosts))
                  for r in range(nprocs)]
         for p in procs:
             p.start()

@@ -1,5 +1,6 @@
 """The collectives benchmark runs end to end: tables, #wrong, JSON and plot."""
 import json
+import os
 import subprocess
 import sys
 
@@ -22,3 +23,15 @@ def test_bench_collectives_end_to_end(tmp_path):
         factor = 1.0 if r["op"] == "all_reduce" else 0.5
         assert abs(r["busbw"] - r["algbw"] * factor) < 1e-9
     assert png.stat().st_size > 10_000
+
+
+def test_bench_simulated_hosts_runs_the_hierarchical_all_reduce(tmp_path):
+    js = tmp_path / "h.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "-n", "2", "--hosts", "2", "-o", "all_reduce", "-b", "8",
+         "-e", "4K", "-f", "512", "-i", "2", "--no-progress", "--plot", "", "--json", str(js)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYCOMM_DEBUG": "INFO"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "as 2 simulated hosts" in proc.stdout and "hierarchical" in proc.stdout
+    data = json.loads(js.read_text())
+    assert data["machine"]["hosts"] == 2 and all(r["wrong"] == 0 for r in data["rows"])
