@@ -1,0 +1,146 @@
+"""The CUDA IPC collectives' phases (pycomm/_gpu.py), run on CPU processes.
+
+The IPC transport is three parts: mapped buffers and a reduction kernel (csrc/cuda/ipc.cu,
+which needs a GPU), and the orchestration in pycomm._gpu that stages inputs, places slices,
+splits messages into chunks and separates the phases with host barriers.  Here the first
+part is replaced by shared memory between the rank processes with the same interface
+(put/get/reduce on raw addresses, the reduction in rank order with float32 accumulation for
+half types), so the orchestration runs for real on the CPU: exact results, one-shot and
+two-shot, chunked messages, bitwise-identical ranks, and the phases' barriers (a rank that
+reads a buffer before its owner staged it would get zeros and fail).
+"""
+import contextlib
+import ctypes
+import os
+import types
+from multiprocessing import shared_memory
+
+import pytest
+import torch
+
+import pycomm
+import world
+from pycomm import _gpu, _types
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8]
+
+
+class SharedBuffers:
+    """pycomm._cuda.IpcBuffers' interface over POSIX shared memory."""
+
+    def __init__(self, g, capacity, tag):
+        self.capacity = capacity
+        name = f"pycomm-test-ipc-{os.getppid()}-{tag}-r{g.rank}"
+        self._mine = shared_memory.SharedMemory(name=name, create=True, size=capacity)
+        ctypes.memset(self._addr(self._mine), 0, capacity)
+        pycomm.barrier(g)
+        self._peers = [self._mine if r == g.rank else
+                       shared_memory.SharedMemory(name=name.rsplit("-r", 1)[0] + f"-r{r}")
+                       for r in range(g.size)]
+        pycomm.barrier(g)
+        self._mine.unlink()  # everyone has mapped it: nothing is left in /dev/shm
+        self.pointer = self._addr(self._mine)
+
+    @staticmethod
+    def _addr(shm):
+        return ctypes.addressof(ctypes.c_char.from_buffer(shm.buf))
+
+    def _view(self, addr, count, dtype):
+        nbytes = count * torch.tensor([], dtype=dtype).element_size()
+        return torch.frombuffer((ctypes.c_char * nbytes).from_address(addr), dtype=dtype) if nbytes else \
+            torch.empty(0, dtype=dtype)
+
+    def put(self, offset, src, nbytes, stream):
+        assert offset + nbytes <= self.capacity
+        ctypes.memmove(self.pointer + offset, src, nbytes)
+
+    def get(self, peer, dst, offset, nbytes, stream):
+        assert offset + nbytes <= self.capacity
+        ctypes.memmove(dst, self._addr(self._peers[peer]) + offset, nbytes)
+
+    def reduce(self, out, offset, count, dtype_code, op_code, stream):
+        dtype = next(d for d, c in _types.DTYPE_CODES.items() if c == dtype_code)
+        acc_type = torch.float32 if dtype in _types.HALF_TYPES else dtype
+        acc = None
+        for shm in self._peers:  # rank order, as the kernel
+            v = self._view(self._addr(shm) + offset, count, dtype).to(acc_type)
+            if acc is None:
+                acc = v.clone()
+            elif op_code == 0:
+                acc += v
+            elif op_code == 1:
+                acc *= v
+            elif op_code == 2:
+                acc = torch.minimum(acc, v)
+            else:
+                acc = torch.maximum(acc, v)
+        self._view(out, count, dtype).copy_(acc.to(dtype))
+
+    def close(self):
+        for shm in self._peers:
+            shm.close()
+
+
+@contextlib.contextmanager
+def _env(**kw):
+    old = {k: os.environ.get(k) for k in kw}
+    os.environ.update({k: str(v) for k, v in kw.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _input(rank, count, dtype, salt=0):
+    i = torch.arange(count, dtype=torch.int64)
+    return ((i * 7 + rank * 3 + salt) % 17 - (0 if dtype == torch.uint8 else 8)).to(dtype)
+
+
+def job_ipc_collectives(capacity, oneshot_bytes, counts):
+    g = pycomm.distributed._require().world
+    r, p = g.rank, g.size
+    st = types.SimpleNamespace(stream=types.SimpleNamespace(synchronize=lambda: None))
+    buf = SharedBuffers(g, capacity, f"{capacity}-{oneshot_bytes}")
+    bad, bits = [], []
+    try:
+        with _env(PYCOMM_CUDA_ONESHOT_BYTES=oneshot_bytes):
+            for dtype in DTYPES:
+                for n in counts:
+                    t = _input(r, n, dtype)
+                    _gpu._ipc_all_reduce(g, st, buf, t, _types.OPS["sum"], 0)
+                    want = sum(_input(q, n, dtype).double() for q in range(p))
+                    if not torch.equal(t, (want if n else torch.zeros(0)).to(dtype)):
+                        bad.append(("all_reduce", str(dtype), n))
+                    bits.append(t.view(torch.uint8).sum().item() if n else 0)
+
+                    inp = torch.cat([_input(r, n, dtype, salt=b) for b in range(p)])
+                    out = torch.empty(n, dtype=dtype)
+                    _gpu._ipc_reduce_scatter(g, st, buf, out, inp, _types.OPS["max"], 0)
+                    want = torch.stack([torch.cat([_input(q, n, dtype, salt=b) for b in range(p)])
+                                        for q in range(p)]).max(0).values[r * n:(r + 1) * n]
+                    if not torch.equal(out, want):
+                        bad.append(("reduce_scatter", str(dtype), n))
+
+                    gathered = torch.empty(p * n, dtype=dtype)
+                    _gpu._ipc_all_gather(g, st, buf, gathered, _input(r, n, dtype), 0)
+                    if not torch.equal(gathered, torch.cat([_input(q, n, dtype) for q in range(p)])):
+                        bad.append(("all_gather", str(dtype), n))
+
+                    b = _input(r, n, dtype)
+                    _gpu._ipc_broadcast(g, st, buf, b, p - 1, 0)
+                    if not torch.equal(b, _input(p - 1, n, dtype)):
+                        bad.append(("broadcast", str(dtype), n))
+    finally:
+        buf.close()
+    return bad, bits
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("oneshot", [1 << 30, 0], ids=["one-shot", "two-shot"])
+def test_ipc_phases_compute_exact_results(run, size, oneshot):
+    # 256 bytes per phase: most messages go in several chunks
+    results = run(size, job_ipc_collectives, 512, oneshot, [0, 1, 7, 33, 1000])
+    assert all(not bad for bad, _ in results), results
+    assert len({tuple(bits) for _, bits in results}) == 1  # bitwise identical
+    assert not [s for s in world.segments() if "pycomm-test-ipc" in s]
