@@ -7,7 +7,8 @@ part is replaced by shared memory between the rank processes with the same inter
 (put/get/reduce on raw addresses, the reduction in rank order with float32 accumulation for
 half types), so the orchestration runs for real on the CPU: exact results, one-shot and
 two-shot, chunked messages, bitwise-identical ranks, and the phases' barriers (a rank that
-reads a buffer before its owner staged it would get zeros and fail).
+reads a buffer before its owner staged it would get zeros and fail).  The NCCL watchdog's
+diagnosis (which ranks never reached a collective) is store traffic only, checked here too.
 """
 import contextlib
 import ctypes
@@ -144,3 +145,19 @@ def test_ipc_phases_compute_exact_results(run, size, oneshot):
     assert all(not bad for bad, _ in results), results
     assert len({tuple(bits) for _, bits in results}) == 1  # bitwise identical
     assert not [s for s in world.segments() if "pycomm-test-ipc" in s]
+
+
+def job_diagnose(absent):
+    """Every rank but `absent` has its NCCL watchdog fire on collective #5 (rank 0 on #4):
+    the diagnosis must name the absent rank and rank 0, which is stuck earlier."""
+    g = pycomm.distributed._require().world
+    if g.rank == absent:
+        return None
+    st = types.SimpleNamespace(prefix=f"pycomm/test-diagnose-{os.getppid()}-{absent}/")
+    return _gpu._diagnose(g, st, 4 if g.rank == 0 else 5)
+
+
+def test_watchdog_names_the_ranks_that_never_reached_the_collective(run):
+    out = run(3, job_diagnose, 2)
+    assert out[1] == [0, 2], out  # rank 0 is stuck at #4, rank 2 never reported
+    assert out[0] == [2], out      # from rank 0's side (#4) only the absent rank is missing
