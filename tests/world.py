@@ -10,6 +10,7 @@ starts a new process group.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
@@ -176,6 +177,22 @@ class Pool:
             self.dirty = True
             raise AssertionError("\n".join(errors))
         return results
+
+
+@contextlib.contextmanager
+def scoped_env(**values):
+    """In a worker: os.environ with `values` set, restored afterwards (workers are reused
+    by later tests)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def segments():

@@ -3,7 +3,7 @@ from PYCOMM_HOST_ID, so start-up sees several hosts and builds hierarchical grou
 
 Each job re-initialises pycomm for its layout and runs with fresh=True, so the pool's next
 job starts a plain single-host group again.  Inputs are small integers (nccl-tests'
-verifiable inputs, from test_collectives_exact), so every result is checked bit for bit."""
+verifiable inputs, from tests/verifiable.py), so every result is checked bit for bit."""
 import contextlib
 import datetime
 import io
@@ -16,7 +16,7 @@ import torch
 
 import pycomm
 import world
-from test_collectives_exact import expected, rank_input
+from verifiable import expected, rank_input
 
 LAYOUTS = {
     "2x2": ["node0", "node0", "node1", "node1"],

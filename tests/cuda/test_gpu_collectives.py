@@ -6,7 +6,6 @@ refuses two ranks on one GPU before version 2.30, and from 2.30 allows two with
 NCCL_MULTI_RANK_GPU_ENABLE=1, so the NCCL tests run 2 ranks where the installed NCCL
 allows it and skip saying so where it does not.
 """
-import contextlib
 import os
 
 import pytest
@@ -14,6 +13,8 @@ import torch
 
 import pycomm
 from pycomm import _cuda
+from verifiable import expected, rank_input
+from world import scoped_env
 
 usable, why = _cuda.status() if _cuda.built() else (False, "pycomm was built without CUDA")
 pytestmark = pytest.mark.skipif(not (usable and torch.cuda.is_available()), reason=f"no GPU: {why}")
@@ -23,44 +24,13 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int
 OPS = ["sum", "prod", "min", "max", "avg"]
 
 
-def _input(rank, count, dtype, op):
-    i = torch.arange(count, dtype=torch.int64)
-    v = (i + rank) % 2 + 1 if op == "prod" else (i * 7 + rank * 3) % 17 - (0 if dtype == torch.uint8 else 8)
-    return v.to(dtype)
-
-
-def _expected(size, count, dtype, op):
-    xs = torch.stack([_input(r, count, dtype, op).double() for r in range(size)])
-    out = {"sum": xs.sum(0), "avg": xs.sum(0), "prod": xs.prod(0), "min": xs.min(0).values,
-           "max": xs.max(0).values}[op]
-    if op == "avg":
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        return (out.to(acc) / size).to(dtype)
-    return out.to(dtype)
-
-
 def _ops(dtype):
     return [op for op in OPS if op != "avg" or dtype.is_floating_point]
 
 
-@contextlib.contextmanager
-def _env(env):
-    """The job's environment, restored afterwards (workers are reused by later tests)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: str(v) for k, v in env.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _with_env(job):
     def wrapped(env, *args):
-        with _env(env):
+        with scoped_env(**env):
             return job(*args)
     # pickled by name: the public name must resolve to this wrapper, not to `job`
     wrapped.__name__ = wrapped.__qualname__ = job.__name__.lstrip("_")
@@ -74,10 +44,10 @@ def _job_all_reduce(counts, algorithm="auto"):
     for dtype in DTYPES:
         for op in _ops(dtype):
             for n in counts:
-                t = _input(r, n, dtype, op).cuda()
+                t = rank_input(r, n, dtype, op).cuda()
                 pycomm.all_reduce(t, op=op, algorithm=algorithm)
                 got = t.cpu()
-                if not torch.equal(got, _expected(p, n, dtype, op)):
+                if not torch.equal(got, expected(p, n, dtype, op)):
                     bad.append((str(dtype), op, n))
                 bits.append(got.view(torch.uint8).sum().item() if n else 0)
     return bad, bits
@@ -89,21 +59,21 @@ def _job_other_collectives(counts, algorithm="auto"):
     bad = []
     for dtype in (torch.float32, torch.bfloat16, torch.int64):
         for n in counts:
-            inp = torch.cat([_input(r * p + b, n, dtype, "sum") for b in range(p)]).cuda()
+            inp = torch.cat([rank_input(r * p + b, n, dtype, "sum") for b in range(p)]).cuda()
             out = torch.empty(n, dtype=dtype, device="cuda")
             pycomm.reduce_scatter(out, inp, algorithm=algorithm)
-            want = sum(torch.cat([_input(q * p + b, n, dtype, "sum").double() for b in range(p)])
+            want = sum(torch.cat([rank_input(q * p + b, n, dtype, "sum").double() for b in range(p)])
                        for q in range(p))[r * n:(r + 1) * n].to(dtype)
             if not torch.equal(out.cpu(), want):
                 bad.append(("reduce_scatter", str(dtype), n))
-            mine = _input(r, n, dtype, "sum").cuda()
+            mine = rank_input(r, n, dtype, "sum").cuda()
             gathered = torch.empty(p * n, dtype=dtype, device="cuda")
             pycomm.all_gather(gathered, mine, algorithm=algorithm)
-            if not torch.equal(gathered.cpu(), torch.cat([_input(q, n, dtype, "sum") for q in range(p)])):
+            if not torch.equal(gathered.cpu(), torch.cat([rank_input(q, n, dtype, "sum") for q in range(p)])):
                 bad.append(("all_gather", str(dtype), n))
-            b = _input(r, n, dtype, "sum").cuda()
+            b = rank_input(r, n, dtype, "sum").cuda()
             pycomm.broadcast(b, src=p - 1)
-            if not torch.equal(b.cpu(), _input(p - 1, n, dtype, "sum")):
+            if not torch.equal(b.cpu(), rank_input(p - 1, n, dtype, "sum")):
                 bad.append(("broadcast", str(dtype), n))
     return bad
 
@@ -128,8 +98,8 @@ def job_kernel_reduce():
     for dtype in DTYPES:
         for op_name, code in (("sum", 0), ("prod", 1), ("min", 2), ("max", 3)):
             for n in (1, 7, 8, 4097):
-                a = _input(0, n, dtype, op_name).cuda()
-                b = _input(5, n, dtype, op_name).cuda()
+                a = rank_input(0, n, dtype, op_name).cuda()
+                b = rank_input(5, n, dtype, op_name).cuda()
                 out = torch.empty_like(a)
                 _cuda.reduce(out.data_ptr(), a.data_ptr(), b.data_ptr(), n,
                              pycomm._types.DTYPE_CODES[dtype], code, stream)

@@ -10,7 +10,6 @@ two-shot, chunked messages, bitwise-identical ranks, and the phases' barriers (a
 reads a buffer before its owner staged it would get zeros and fail).  The NCCL watchdog's
 diagnosis (which ranks never reached a collective) is store traffic only, checked here too.
 """
-import contextlib
 import ctypes
 import os
 import types
@@ -82,17 +81,6 @@ class SharedBuffers:
             shm.close()
 
 
-@contextlib.contextmanager
-def _env(**kw):
-    old = {k: os.environ.get(k) for k in kw}
-    os.environ.update({k: str(v) for k, v in kw.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
 def _input(rank, count, dtype, salt=0):
     i = torch.arange(count, dtype=torch.int64)
     return ((i * 7 + rank * 3 + salt) % 17 - (0 if dtype == torch.uint8 else 8)).to(dtype)
@@ -105,7 +93,7 @@ def job_ipc_collectives(capacity, oneshot_bytes, counts):
     buf = SharedBuffers(g, capacity, f"{capacity}-{oneshot_bytes}")
     bad, bits = [], []
     try:
-        with _env(PYCOMM_CUDA_ONESHOT_BYTES=oneshot_bytes):
+        with world.scoped_env(PYCOMM_CUDA_ONESHOT_BYTES=oneshot_bytes):
             for dtype in DTYPES:
                 for n in counts:
                     t = _input(r, n, dtype)
