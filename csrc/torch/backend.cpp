@@ -53,8 +53,9 @@ DType dtypeOf(const at::Tensor& t) {
 
 void checkCpu(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.device().is_cpu(), "pycomm backend: ", op, " got a tensor on ", t.device(),
-              "; this build moves CPU tensors only (GPU transports are not built). Use "
-              "init_process_group('cpu:pycomm,cuda:nccl') to keep CUDA tensors on NCCL.");
+              "; the torch.distributed backend moves CPU tensors only. Use "
+              "init_process_group('cpu:pycomm,cuda:nccl') to keep CUDA tensors on NCCL, or "
+              "pycomm.all_reduce & co., which move CUDA tensors over CUDA IPC and NCCL.");
   TORCH_CHECK(t.layout() == at::kStrided, "pycomm backend: ", op, " needs dense tensors");
   dtypeOf(t);
 }
