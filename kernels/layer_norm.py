@@ -134,7 +134,6 @@ def _torch_bwd(gy, x, weight, mean, rstd):
     g = gy.float()
     wg = g * weight.float()
     dx = (wg - wg.mean(-1, keepdim=True) - xhat * (xhat * wg).mean(-1, keepdim=True)) * rstd[..., None]
-    N = x.shape[-1]
     dw = _utils.flatten_rows(g * xhat).sum(0)
     db = _utils.flatten_rows(g).sum(0)
     return dx.to(x.dtype).contiguous(), dw.to(weight.dtype), db.to(weight.dtype)

@@ -128,7 +128,7 @@ def test_all_reduce_matches_gloo_on_random_inputs(run, layout):
 
 def job_async(layout):
     _as_hosts(layout)
-    r, p = pycomm.get_rank(), pycomm.get_world_size()
+    r = pycomm.get_rank()
     ts = [torch.full((1000 + i,), float(r + i)) for i in range(4)]
     works = [pycomm.all_reduce(t, async_op=True) for t in ts]
     last = torch.full((5,), float(r))

@@ -1,8 +1,6 @@
 """The torch.distributed backend "pycomm": real clients (DDP, functional collectives, FSDP2)
 get the same results as with gloo."""
-import os
 
-import pytest
 import torch
 
 import world

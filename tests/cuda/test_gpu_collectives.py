@@ -6,7 +6,6 @@ refuses two ranks on one GPU before version 2.30, and from 2.30 allows two with
 NCCL_MULTI_RANK_GPU_ENABLE=1, so the NCCL tests run 2 ranks where the installed NCCL
 allows it and skip saying so where it does not.
 """
-import os
 
 import pytest
 import torch

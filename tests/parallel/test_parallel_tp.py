@@ -117,7 +117,7 @@ def job_attention_errors():
 
 def job_vocab():
     torch.set_num_threads(1)
-    mesh = parallel.init_mesh(1, 2, 1)
+    parallel.init_mesh(1, 2, 1)
     torch.manual_seed(0)
     emb = nn.Embedding(10, 6)
     head = nn.Linear(6, 10)
