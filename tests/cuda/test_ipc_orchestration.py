@@ -149,3 +149,26 @@ def test_watchdog_names_the_ranks_that_never_reached_the_collective(run):
     out = run(3, job_diagnose, 2)
     assert out[1] == [0, 2], out  # rank 0 is stuck at #4, rank 2 never reported
     assert out[0] == [2], out      # from rank 0's side (#4) only the absent rank is missing
+
+
+@pytest.mark.parametrize("env, algorithm, one_host, size, want", [
+    ("auto", "auto", True, 4, "ipc"),       # one host: CUDA IPC
+    ("auto", "ring", True, 4, "nccl"),      # an explicit plan runs over NCCL
+    ("auto", "auto", False, 4, "nccl"),     # across hosts
+    ("auto", "auto", True, 9, "nccl"),      # more ranks than the IPC kernel reads
+    ("nccl", "auto", True, 2, "nccl"),
+    ("ipc", "tree", True, 2, "ipc"),
+])
+def test_cuda_transport_choice(monkeypatch, env, algorithm, one_host, size, want):
+    monkeypatch.setenv("PYCOMM_CUDA_TRANSPORT", env)
+    g = types.SimpleNamespace(_hier=None if one_host else object(), size=size)
+    assert _gpu.transport_for(g, algorithm) == want
+
+
+def test_cuda_transport_errors_say_what_to_use(monkeypatch):
+    monkeypatch.setenv("PYCOMM_CUDA_TRANSPORT", "ipc")
+    with pytest.raises(ValueError, match="use nccl"):
+        _gpu.transport_for(types.SimpleNamespace(_hier=object(), size=4), "auto")
+    monkeypatch.setenv("PYCOMM_CUDA_TRANSPORT", "shm")
+    with pytest.raises(ValueError, match="'auto', 'ipc' or 'nccl'"):
+        _gpu.transport_for(types.SimpleNamespace(_hier=None, size=2), "auto")
