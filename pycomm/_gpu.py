@@ -38,17 +38,11 @@ from dataclasses import dataclass, field
 import torch
 
 from pycomm import _cuda, _types
+from pycomm.distributed import _env_int
 from pycomm.errors import CommError, CommTimeoutError
 
 COLL = {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 2, "broadcast": 3}
-
-
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    try:
-        return int(v) if v else default
-    except ValueError:
-        raise ValueError(f"{name}={v!r} is not an integer") from None
+_NO_OP = 4  # csrc/common.h RedOp::None: collectives that reduce nothing
 
 
 def transport_for(g, algorithm: str) -> str:
@@ -269,10 +263,10 @@ def _chunks(count: int, parts: int):
 # ---------------------------------------------------------------------------- IPC bodies
 
 
-def _ipc_all_reduce(g, st, buf: _cuda.IpcBuffers, t: torch.Tensor, code: int, stream: int):
+def _ipc_all_reduce(g, st, buf: _cuda.IpcBuffers, t: torch.Tensor, code: int, stream: int,
+                    oneshot: bool):
     es, dt = t.element_size(), _types.DTYPE_CODES[t.dtype]
     region = buf.capacity // 2
-    oneshot = t.numel() * es <= _env_int("PYCOMM_CUDA_ONESHOT_BYTES", 256 << 10)
     step = region // es
     for lo in range(0, t.numel(), step):
         n = min(step, t.numel() - lo)
@@ -363,31 +357,48 @@ def _ipc_run(g, st, name, tensors, fn, async_op):
     return g._run(run, async_op)
 
 
+def _oneshot(nbytes: int) -> bool:
+    return nbytes <= _env_int("PYCOMM_CUDA_ONESHOT_BYTES", 256 << 10)
+
+
+def _nccl_plan(g, st: _State, collective: str, algorithm: str, nbytes: int) -> tuple[_cuda.NcclComm, int]:
+    """The NCCL communicator and the plan's algorithm code (the cost model's choice for
+    "auto", with $PYCOMM_ALGO), logged."""
+    algo = g.model.pick(collective, nbytes, g.size) if algorithm == "auto" else algorithm
+    comm = _nccl(g, st)
+    _debug(g, collective, nbytes, f"{algo} over NCCL point-to-point")
+    return comm, _types.ALGORITHMS[algo]
+
+
+def _nccl_run(comm: _cuda.NcclComm, coll: str, algo: int, out: torch.Tensor, inp: torch.Tensor,
+              count: int, op: int, root: int, stream: int) -> None:
+    """One collective over NCCL with the scratch it needs (allocated on the group's
+    stream, which is current here, so the caching allocator reuses it in stream order)."""
+    dt = _types.DTYPE_CODES[inp.dtype]
+    nbytes = comm.scratch_bytes(COLL[coll], algo, count, dt, root)
+    scratch = torch.empty(max(1, nbytes), dtype=torch.uint8, device=inp.device)
+    comm.run(COLL[coll], algo, out.data_ptr(), inp.data_ptr(), scratch.data_ptr(), count, dt, op,
+             root, stream)
+
+
 def all_reduce(g, tensor, name: str, code: int, algorithm: str, async_op: bool):
     st = _state(g, tensor.device)
     nbytes = tensor.numel() * tensor.element_size()
-    how = transport_for(g, algorithm)
-    if how == "ipc":
-        shots = "one-shot" if nbytes <= _env_int("PYCOMM_CUDA_ONESHOT_BYTES", 256 << 10) else "two-shot"
-        _debug(g, "all_reduce", nbytes, f"{shots} over CUDA IPC")
+    if transport_for(g, algorithm) == "ipc":
+        oneshot = _oneshot(nbytes)
+        _debug(g, "all_reduce", nbytes, f"{'one-shot' if oneshot else 'two-shot'} over CUDA IPC")
 
         def fn(buf, stream):
-            _ipc_all_reduce(g, st, buf, tensor, code, stream)
+            _ipc_all_reduce(g, st, buf, tensor, code, stream, oneshot)
             if name == "avg":
                 tensor.div_(g.size)
 
         return _ipc_run(g, st, "all_reduce", [tensor], fn, async_op)
-    algo = _algo(g, "all_reduce", algorithm, nbytes)
-    comm = _nccl(g, st)
-    _debug(g, "all_reduce", nbytes, f"{algo} over NCCL point-to-point")
+    comm, algo = _nccl_plan(g, st, "all_reduce", algorithm, nbytes)
 
     def body(stream):
         work = tensor.float() if tensor.dtype in _types.HALF_TYPES else tensor
-        dt = _types.DTYPE_CODES[work.dtype]
-        scratch = torch.empty(comm.scratch_bytes(0, _types.ALGORITHMS[algo], work.numel(), dt, -1),
-                              dtype=torch.uint8, device=tensor.device)
-        comm.run(0, _types.ALGORITHMS[algo], work.data_ptr(), work.data_ptr(), scratch.data_ptr(),
-                 work.numel(), dt, code, -1, stream)
+        _nccl_run(comm, "all_reduce", algo, work, work, work.numel(), code, -1, stream)
         if name == "avg":
             work.div_(g.size)
         if work is not tensor:
@@ -397,36 +408,30 @@ def all_reduce(g, tensor, name: str, code: int, algorithm: str, async_op: bool):
 
 
 def reduce_scatter(g, output, input, name: str, code: int, algorithm: str, async_op: bool):
+    """output may be input's own chunk: both transports stage or stream the input before
+    the chunk is written."""
     st = _state(g, input.device)
     nbytes = input.numel() * input.element_size()
     if transport_for(g, algorithm) == "ipc":
         _debug(g, "reduce_scatter", nbytes, "over CUDA IPC")
-        staged = output if not _aliases(output, input) else torch.empty_like(output)
 
         def fn(buf, stream):
-            _ipc_reduce_scatter(g, st, buf, staged, input, code, stream)
+            _ipc_reduce_scatter(g, st, buf, output, input, code, stream)
             if name == "avg":
-                staged.div_(g.size)
-            if staged is not output:
-                output.copy_(staged)
+                output.div_(g.size)
 
         return _ipc_run(g, st, "reduce_scatter", [output, input], fn, async_op)
-    algo = _algo(g, "reduce_scatter", algorithm, nbytes)
-    comm = _nccl(g, st)
-    _debug(g, "reduce_scatter", nbytes, f"{algo} over NCCL point-to-point")
+    comm, algo = _nccl_plan(g, st, "reduce_scatter", algorithm, nbytes)
 
     def body(stream):
         half = input.dtype in _types.HALF_TYPES
         src = input.float() if half else input
-        dst = torch.empty(output.shape, dtype=src.dtype, device=output.device) if (half or _aliases(output, input)) else output
-        dt, a = _types.DTYPE_CODES[src.dtype], _types.ALGORITHMS[algo]
-        scratch = torch.empty(comm.scratch_bytes(1, a, dst.numel(), dt, -1), dtype=torch.uint8,
-                              device=input.device)
-        comm.run(1, a, dst.data_ptr(), src.data_ptr(), scratch.data_ptr(), dst.numel(), dt, code, -1, stream)
+        dst = torch.empty(output.shape, dtype=src.dtype, device=output.device) if half else output
+        _nccl_run(comm, "reduce_scatter", algo, dst, src, dst.numel(), code, -1, stream)
         if name == "avg":
             dst.div_(g.size)
         if dst is not output:
-            output.copy_(dst.view(output.shape))
+            output.copy_(dst)
 
     return _launch(g, st, "reduce_scatter", [output, input], body, async_op, nccl=True)
 
@@ -438,17 +443,9 @@ def all_gather(g, output, input, algorithm: str, async_op: bool):
         _debug(g, "all_gather", nbytes, "over CUDA IPC")
         return _ipc_run(g, st, "all_gather", [output, input],
                         lambda buf, stream: _ipc_all_gather(g, st, buf, output, input, stream), async_op)
-    algo = _algo(g, "all_gather", algorithm, nbytes)
-    comm = _nccl(g, st)
-    _debug(g, "all_gather", nbytes, f"{algo} over NCCL point-to-point")
-
-    def body(stream):
-        dt, a = _types.DTYPE_CODES[input.dtype], _types.ALGORITHMS[algo]
-        scratch = torch.empty(max(1, comm.scratch_bytes(2, a, input.numel(), dt, -1)),
-                              dtype=torch.uint8, device=input.device)
-        comm.run(2, a, output.data_ptr(), input.data_ptr(), scratch.data_ptr(), input.numel(), dt,
-                 4, -1, stream)
-
+    comm, algo = _nccl_plan(g, st, "all_gather", algorithm, nbytes)
+    body = lambda stream: _nccl_run(comm, "all_gather", algo, output, input, input.numel(),  # noqa: E731
+                                    _NO_OP, -1, stream)
     return _launch(g, st, "all_gather", [output, input], body, async_op, nccl=True)
 
 
@@ -459,17 +456,9 @@ def broadcast(g, tensor, src: int, async_op: bool):
         _debug(g, "broadcast", nbytes, "over CUDA IPC")
         return _ipc_run(g, st, "broadcast", [tensor],
                         lambda buf, stream: _ipc_broadcast(g, st, buf, tensor, src, stream), async_op)
-    algo = _algo(g, "broadcast", "auto", nbytes)
-    comm = _nccl(g, st)
-    _debug(g, "broadcast", nbytes, f"{algo} over NCCL point-to-point")
-
-    def body(stream):
-        dt, a = _types.DTYPE_CODES[tensor.dtype], _types.ALGORITHMS[algo]
-        scratch = torch.empty(max(1, comm.scratch_bytes(3, a, tensor.numel(), dt, src)),
-                              dtype=torch.uint8, device=tensor.device)
-        comm.run(3, a, tensor.data_ptr(), tensor.data_ptr(), scratch.data_ptr(), tensor.numel(), dt,
-                 4, src, stream)
-
+    comm, algo = _nccl_plan(g, st, "broadcast", "auto", nbytes)
+    body = lambda stream: _nccl_run(comm, "broadcast", algo, tensor, tensor, tensor.numel(),  # noqa: E731
+                                    _NO_OP, src, stream)
     return _launch(g, st, "broadcast", [tensor], body, async_op, nccl=True)
 
 
@@ -483,21 +472,6 @@ def p2p(g, items, async_op: bool):
         comm.p2p([(k, t.data_ptr(), t.numel() * t.element_size(), p) for k, p, t in items], stream)
 
     return _launch(g, st, "send/recv", [t for _, _, t in items], body, async_op, nccl=True)
-
-
-def _algo(g, collective: str, algorithm: str, nbytes: int) -> str:
-    from pycomm import tuning
-
-    if algorithm == "auto":
-        return tuning.algorithm_override(collective) or g.model.choose(collective, nbytes, g.size)
-    return algorithm
-
-
-def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def close(g) -> None:

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from pycomm import _C, _types, tuning
+from pycomm import _C, _types
 from pycomm.distributed import Group, _shm_transport, _wait_keys
 from pycomm.errors import CommError, CommTimeoutError
 
@@ -240,7 +240,7 @@ def _local_algorithm(g: Group, collective: str, algorithm: str, nbytes: int) -> 
     """The algorithm of a shared-memory stage: as on one host, for the L local ranks."""
     if algorithm != "auto":
         return algorithm
-    return tuning.algorithm_override(collective) or g.model.choose(collective, nbytes, g._hier.per_host)
+    return g.model.pick(collective, nbytes, g._hier.per_host)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

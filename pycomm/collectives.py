@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pycomm import _gpu, _hierarchy, _types, tuning
+from pycomm import _gpu, _hierarchy, _types
 from pycomm.distributed import Group, group_or_world
 
 __all__ = [
@@ -129,7 +129,7 @@ def _check_algorithm(algorithm: str) -> str:
 def _algorithm(g: Group, collective: str, algorithm: str, nbytes: int) -> int:
     _check_algorithm(algorithm)
     if algorithm == "auto":
-        algorithm = tuning.algorithm_override(collective) or g.model.choose(collective, nbytes, g.size)
+        algorithm = g.model.pick(collective, nbytes, g.size)
     if _DEBUG and g._hier is None:  # groups across hosts log their own plan
         print(f"pycomm: {collective} of {nbytes} B on group {g.gid} (rank {g.rank}/{g.size}): "
               f"{algorithm} over shm", flush=True)

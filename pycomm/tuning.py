@@ -96,6 +96,11 @@ class CostModel:
         tree = self.time(collective, "tree", nbytes, p)
         return "tree" if tree < ring else "ring"
 
+    def pick(self, collective: str, nbytes: int, p: int) -> str:
+        """What algorithm="auto" runs: $PYCOMM_ALGO's choice for `collective` if it makes
+        one, else the model's."""
+        return algorithm_override(collective) or self.choose(collective, nbytes, p)
+
     def crossover(self, collective: str, p: int) -> int:
         """Largest power-of-two size in bytes for which the tree is chosen (0: never)."""
         best = 0

@@ -35,3 +35,12 @@ def test_bench_simulated_hosts_runs_the_hierarchical_all_reduce(tmp_path):
     assert "as 2 simulated hosts" in proc.stdout and "hierarchical" in proc.stdout
     data = json.loads(js.read_text())
     assert data["machine"]["hosts"] == 2 and all(r["wrong"] == 0 for r in data["rows"])
+
+
+def test_simulated_hosts_must_divide_the_processes():
+    import pytest
+
+    import pycomm.launch
+
+    with pytest.raises(ValueError, match="hosts=2 must divide nprocs=3"):
+        pycomm.launch.run(print, 3, hosts=2)

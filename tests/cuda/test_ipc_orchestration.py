@@ -93,33 +93,37 @@ def job_ipc_collectives(capacity, oneshot_bytes, counts):
     buf = SharedBuffers(g, capacity, f"{capacity}-{oneshot_bytes}")
     bad, bits = [], []
     try:
-        with world.scoped_env(PYCOMM_CUDA_ONESHOT_BYTES=oneshot_bytes):
-            for dtype in DTYPES:
-                for n in counts:
-                    t = _input(r, n, dtype)
-                    _gpu._ipc_all_reduce(g, st, buf, t, _types.OPS["sum"], 0)
-                    want = sum(_input(q, n, dtype).double() for q in range(p))
-                    if not torch.equal(t, (want if n else torch.zeros(0)).to(dtype)):
-                        bad.append(("all_reduce", str(dtype), n))
-                    bits.append(t.view(torch.uint8).sum().item() if n else 0)
+        for dtype in DTYPES:
+            for n in counts:
+                t = _input(r, n, dtype)
+                oneshot = n * t.element_size() <= oneshot_bytes
+                _gpu._ipc_all_reduce(g, st, buf, t, _types.OPS["sum"], 0, oneshot)
+                want = sum(_input(q, n, dtype).double() for q in range(p))
+                if not torch.equal(t, (want if n else torch.zeros(0)).to(dtype)):
+                    bad.append(("all_reduce", str(dtype), n))
+                bits.append(t.view(torch.uint8).sum().item() if n else 0)
 
-                    inp = torch.cat([_input(r, n, dtype, salt=b) for b in range(p)])
-                    out = torch.empty(n, dtype=dtype)
-                    _gpu._ipc_reduce_scatter(g, st, buf, out, inp, _types.OPS["max"], 0)
-                    want = torch.stack([torch.cat([_input(q, n, dtype, salt=b) for b in range(p)])
-                                        for q in range(p)]).max(0).values[r * n:(r + 1) * n]
-                    if not torch.equal(out, want):
-                        bad.append(("reduce_scatter", str(dtype), n))
+                inp = torch.cat([_input(r, n, dtype, salt=b) for b in range(p)])
+                out = torch.empty(n, dtype=dtype)
+                _gpu._ipc_reduce_scatter(g, st, buf, out, inp, _types.OPS["max"], 0)
+                want = torch.stack([torch.cat([_input(q, n, dtype, salt=b) for b in range(p)])
+                                    for q in range(p)]).max(0).values[r * n:(r + 1) * n]
+                if not torch.equal(out, want):
+                    bad.append(("reduce_scatter", str(dtype), n))
+                # in place: the output is the input's own chunk
+                _gpu._ipc_reduce_scatter(g, st, buf, inp[r * n:(r + 1) * n], inp, _types.OPS["max"], 0)
+                if not torch.equal(inp[r * n:(r + 1) * n], want):
+                    bad.append(("reduce_scatter in place", str(dtype), n))
 
-                    gathered = torch.empty(p * n, dtype=dtype)
-                    _gpu._ipc_all_gather(g, st, buf, gathered, _input(r, n, dtype), 0)
-                    if not torch.equal(gathered, torch.cat([_input(q, n, dtype) for q in range(p)])):
-                        bad.append(("all_gather", str(dtype), n))
+                gathered = torch.empty(p * n, dtype=dtype)
+                _gpu._ipc_all_gather(g, st, buf, gathered, _input(r, n, dtype), 0)
+                if not torch.equal(gathered, torch.cat([_input(q, n, dtype) for q in range(p)])):
+                    bad.append(("all_gather", str(dtype), n))
 
-                    b = _input(r, n, dtype)
-                    _gpu._ipc_broadcast(g, st, buf, b, p - 1, 0)
-                    if not torch.equal(b, _input(p - 1, n, dtype)):
-                        bad.append(("broadcast", str(dtype), n))
+                b = _input(r, n, dtype)
+                _gpu._ipc_broadcast(g, st, buf, b, p - 1, 0)
+                if not torch.equal(b, _input(p - 1, n, dtype)):
+                    bad.append(("broadcast", str(dtype), n))
     finally:
         buf.close()
     return bad, bits
