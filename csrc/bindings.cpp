@@ -63,6 +63,8 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("names"), py::arg("timeout"))
       .def("unlink", &ShmTransport::unlinkOwn)
+      .def_static("reap_if_stale", &ShmTransport::reapIfStale, py::arg("name"))
+      .def("_corrupt_for_test", &ShmTransport::corruptForTest, py::arg("what"))
       .def_property_readonly("segment_bytes", &ShmTransport::segmentBytes)
       .def_property_readonly("segment_name", &ShmTransport::segmentName);
 
@@ -71,6 +73,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)
       .def_property_readonly("seq", &Communicator::seq)
+      .def_property_readonly("transport", &Communicator::transportPtr)
       .def("all_reduce",
            [](Communicator& c, uintptr_t out, uintptr_t in, size_t count, int dtype, int op,
               int algo, double timeout) {

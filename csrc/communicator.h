@@ -29,6 +29,7 @@ class Communicator {
   int size() const { return t_->size(); }
   uint64_t seq() const { return seq_; }
   Transport& transport() { return *t_; }
+  const std::shared_ptr<Transport>& transportPtr() const { return t_; }
 
   void allReduce(void* out, const void* in, size_t count, DType dtype, RedOp op, Algo algo,
                  double timeoutS);

@@ -7,7 +7,10 @@ members on each host, gloo between hosts.  Start-up goes through a torch.distrib
 
 1. rank 0 of the job draws a random token; every segment name contains it, the group id
    and the rank, so two groups or two jobs on one host never collide;
-2. each rank creates its segment (mode 0600), everyone maps everyone's;
+2. each rank creates its segment (mode 0600) under a name every rank derives from the
+   token, the group and the rank, and everyone maps everyone's, refusing a segment that is
+   not the job user's own with mode 0600 (a name is never read from the store, which other
+   local users may be able to write);
 3. once all have mapped, each rank removes its segment's name, so nothing is left in
    /dev/shm even if a process is killed later.  A name left by a process killed during
    step 2 is removed by the next start-up on that host (see _reap_stale_segments).
@@ -38,7 +41,8 @@ if TYPE_CHECKING:
     from pycomm import _hierarchy
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
-_SEGMENT_RE = re.compile(r"^pycomm-[0-9a-f]+-[a-z0-9]+-r\d+-p(\d+)$")
+_SEGMENT_RE = re.compile(r"^pycomm-[0-9a-f]{16}-[a-z0-9]+-r\d+$")
+_TOKEN_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -161,10 +165,45 @@ def _make_store(rank: int, world_size: int, init_method: str | None, timeout: da
         path = urllib.parse.unquote(url.path)
         if not path:
             raise ValueError(f"init_method {init_method!r} needs a path: 'file:///path/to/file'")
+        _private_file(path, init_method)
         store = dist.FileStore(path, world_size)
         store.set_timeout(timeout)
         return store
     raise ValueError(f"init_method {init_method!r}: use 'env://', 'tcp://host:port' or 'file:///path'")
+
+
+def _private_file(path: str, init_method: str) -> None:
+    """Creates the file store's file readable by this user only (torch would create it 0644,
+    letting any local user read the job's token), or checks that an existing one is ours
+    and private.  A missing folder is an error now, not a wait for the timeout."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"init_method {init_method!r}: the folder {folder} does not exist; "
+                         "create it first or pass a path in an existing folder")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:  # removed between the two calls (a finished job): retry
+            return _private_file(path, init_method)
+        except OSError as e:
+            raise ValueError(f"init_method {init_method!r}: cannot open {path}: {e}") from None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise PermissionError(
+                f"init_method {init_method!r}: {path} is owned by uid {st.st_uid} with mode "
+                f"{st.st_mode & 0o777:04o}; pycomm's file store must belong to this user "
+                f"(uid {os.geteuid()}) with mode 0600, or other local users could read or write "
+                "the job's rendezvous. Remove it, or use a path in a folder only you can write"
+            ) from None
+    except OSError as e:
+        raise ValueError(f"init_method {init_method!r}: cannot create {path}: {e}") from None
+    else:
+        os.close(fd)
 
 
 def _host_identity() -> str:
@@ -182,28 +221,21 @@ def _host_identity() -> str:
 
 def _reap_stale_segments() -> None:
     """Removes /dev/shm names left by pycomm processes that died during start-up (after
-    start-up no names exist).  Only our own user's, only of processes that are gone."""
+    start-up no names exist).  Only our own user's, only of processes that are gone (the
+    pid and start time in the segment's header say so)."""
     try:
         names = os.listdir("/dev/shm")
     except OSError:
         return
-    uid = os.getuid()
     for name in names:
-        m = _SEGMENT_RE.match(name)
-        if not m:
-            continue
-        path = os.path.join("/dev/shm", name)
-        try:
-            if os.stat(path).st_uid != uid:
-                continue
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        except OSError:
-            continue
+        if _SEGMENT_RE.match(name):
+            _C.ShmTransport.reap_if_stale("/" + name)
+
+
+def _segment_name(token: str, label: str, rank: int) -> str:
+    """Where rank `rank` of the group labelled `label` keeps its segment.  Every rank derives
+    every name itself: a name read back from the store could be another user's."""
+    return f"/pycomm-{token}-{label}-r{rank}"
 
 
 def _wait_keys(store: dist.Store, keys: dict[str, int], timeout: float, what: str) -> None:
@@ -230,7 +262,8 @@ def _shm_transport(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, 
     calls it with the same prefix, token and label.  `ranks` (global ranks) name peers in
     errors."""
     size = len(ranks)
-    name = f"/pycomm-{token}-{label}-r{rank}-p{os.getpid()}"
+    names = [_segment_name(token, label, r) for r in range(size)]
+    name = names[rank]
     transport = _C.ShmTransport(
         rank, size, name,
         slot_bytes=_env_int("PYCOMM_SHM_SLOT_BYTES", 256 * 1024),
@@ -238,10 +271,9 @@ def _shm_transport(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, 
         lanes=3,  # two for the double binary tree, one for point-to-point messages
     )
     try:
-        store.set(f"{prefix}created/{rank}", name)
+        store.set(f"{prefix}created/{rank}", "1")
         _wait_keys(store, {f"{prefix}created/{r}": ranks[r] for r in range(size)}, timeout,
                    f"join group {label}")
-        names = [store.get(f"{prefix}created/{r}").decode() for r in range(size)]
         transport.attach(names, timeout)
         store.set(f"{prefix}attached/{rank}", "1")
         _wait_keys(store, {f"{prefix}attached/{r}": ranks[r] for r in range(size)}, timeout,
@@ -269,7 +301,7 @@ def _start(store: dist.Store, key: str, rank: int, size: int, timeout: float,
         store.set(key + "model", tuning.load().to_json())
     store.set(key + f"host/{rank}", _host_identity())
     _wait_keys(store, {key + f"host/{r}": r for r in range(size)}, timeout, "start pycomm")
-    hosts = tuple(store.get(key + f"host/{r}").decode() for r in range(size))
+    hosts = tuple(store.get(key + f"host/{r}").decode(errors="replace")[:256] for r in range(size))
     if one_host and len(set(hosts)) > 1:
         where = "; ".join(f"rank {r}: {h.split('/')[0]}" for r, h in enumerate(hosts))
         raise CommError(
@@ -279,8 +311,11 @@ def _start(store: dist.Store, key: str, rank: int, size: int, timeout: float,
             "or pycomm.init_process_group(), whose groups span hosts (shared memory inside a "
             "host, gloo between hosts)."
         )
-    return (store.get(key + "token").decode(),
-            tuning.CostModel.from_json(store.get(key + "model").decode()), hosts)
+    token = store.get(key + "token").decode(errors="replace")
+    if not _TOKEN_RE.match(token):
+        raise CommError(f"pycomm: the rendezvous store holds {token[:40]!r} as the job's token, "
+                        "not 16 hex digits: something other than this job's rank 0 wrote it")
+    return token, tuning.CostModel.from_json(store.get(key + "model").decode(errors="replace")), hosts
 
 
 def _connect(w: _World, ranks: tuple[int, ...], gid: int) -> Group:

@@ -127,9 +127,17 @@ class CostModel:
 
     @classmethod
     def from_json(cls, text: str) -> "CostModel":
-        data = json.loads(text)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        """The model `to_json` wrote; anything else (the text comes through the rendezvous
+        store, which other processes can write) raises ValueError."""
+        try:
+            data = json.loads(text)
+            m = cls(alpha=float(data["alpha"]), beta=float(data["beta"]),
+                    gamma=float(data["gamma"]), source=str(data.get("source", "?"))[:512])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"not a pycomm cost model: {text[:80]!r}") from None
+        if not all(math.isfinite(x) and x > 0 for x in (m.alpha, m.beta, m.gamma)):
+            raise ValueError(f"cost model constants must be finite and positive: {text[:80]!r}")
+        return m
 
 
 def load(path: os.PathLike | str | None = None) -> CostModel:

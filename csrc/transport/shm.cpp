@@ -8,8 +8,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -59,6 +61,16 @@ bool procStat(int64_t pid, char* state, uint64_t* startTime) {
 
 std::string errnoText(const std::string& what) { return what + ": " + std::strerror(errno); }
 
+// Whether process `pid`, started at `startTime` (0: unknown), still runs.
+bool processAlive(int64_t pid, uint64_t startTime) {
+  char state = '?';
+  uint64_t start = 0;
+  bool alive = kill(pid_t(pid), 0) == 0 || errno == EPERM;
+  if (alive && procStat(pid, &state, &start))
+    alive = state != 'Z' && state != 'X' && (startTime == 0 || start == startTime);
+  return alive;
+}
+
 }  // namespace
 
 struct alignas(64) ShmTransport::Header {
@@ -94,8 +106,23 @@ ShmTransport::ShmTransport(int rank, int size, const std::string& name, ShmOptio
   size_t nch = size_t(size) * opt.lanes;
   bytes_ = kHeaderBytes + nch * sizeof(Channel) + nch * opt.slots * (kPieceHeader + opt.slotBytes);
 
-  int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-  if (fd < 0) throw CommError(errnoText("shm_open(" + name + ")"));
+  // O_EXCL: a name that exists already (another job, or another user who guessed it) is
+  // never reused; O_NOFOLLOW: never through a link.
+  int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW, 0600);
+  if (fd < 0) {
+    if (errno == EEXIST) {
+      struct stat st;
+      std::string owner;
+      int other = shm_open(name.c_str(), O_RDONLY | O_NOFOLLOW, 0);
+      if (other >= 0 && fstat(other, &st) == 0) owner = " (owned by uid " + std::to_string(st.st_uid) + ")";
+      if (other >= 0) close(other);
+      throw CommError("pycomm: rank " + std::to_string(rank) + " cannot create its shared-memory segment " +
+                      name + ": the name exists already" + owner +
+                      ". Another process took this job's name, possibly another user reading the "
+                      "rendezvous store; start the job again (and see the README's security section)");
+    }
+    throw CommError(errnoText("shm_open(" + name + ")"));
+  }
   if (ftruncate(fd, off_t(bytes_)) != 0) {
     int e = errno;
     close(fd);
@@ -132,39 +159,128 @@ ShmTransport::~ShmTransport() {
     if (m.base) munmap(m.base, m.bytes);
 }
 
+// A peer's segment is mapped only if this process's own user created it with mode 0600:
+// another local user who learnt the job's names (the TCP store has no authentication)
+// could otherwise hand this rank a segment of its own and inject data or crash it.  The
+// checks are on the open descriptor (fstat), so the file cannot be swapped in between.
 void ShmTransport::attach(const std::vector<std::string>& names, Clock::time_point deadline) {
   if (int(names.size()) != size_)
     throw std::invalid_argument("attach needs one segment name per rank");
+  const std::string me = "pycomm: rank " + std::to_string(rank_) + ": ";
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
+    const std::string peer = "rank " + std::to_string(r) + "'s shared-memory segment " + names[r];
     int fd;
-    while ((fd = shm_open(names[r].c_str(), O_RDWR, 0600)) < 0) {
-      if (errno != ENOENT) throw CommError(errnoText("shm_open(" + names[r] + ")"));
+    while ((fd = shm_open(names[r].c_str(), O_RDWR | O_NOFOLLOW, 0)) < 0) {
+      if (errno != ENOENT) throw CommError(me + errnoText("cannot open " + peer));
       if (Clock::now() > deadline)
-        throw TimeoutError("pycomm: rank " + std::to_string(rank_) + " timed out waiting for rank " +
-                           std::to_string(r) + " to create its shared-memory segment");
+        throw TimeoutError(me + "timed out waiting for rank " + std::to_string(r) +
+                           " to create its shared-memory segment");
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     struct stat st;
-    if (fstat(fd, &st) != 0 || size_t(st.st_size) != bytes_) {
+    if (fstat(fd, &st) != 0) {
       close(fd);
-      throw CommError("pycomm: rank " + std::to_string(r) + "'s segment " + names[r] +
-                      " has another size: all ranks must use the same PYCOMM_SHM_* settings");
+      throw CommError(me + errnoText("fstat of " + peer));
+    }
+    if (!S_ISREG(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 07777) != 0600) {
+      close(fd);
+      char mode[8];
+      std::snprintf(mode, sizeof(mode), "%04o", unsigned(st.st_mode & 07777));
+      throw CommError(me + "refusing " + peer + ": it is owned by uid " + std::to_string(st.st_uid) +
+                      " with mode " + mode + ", but pycomm's segments belong to the job's own user (uid " +
+                      std::to_string(geteuid()) + ") with mode 0600. Another local user may be "
+                      "interfering with this job (see the README's security section); start it again");
+    }
+    if (size_t(st.st_size) < kHeaderBytes) {
+      close(fd);
+      if (st.st_size == 0 && Clock::now() < deadline) {  // created, not yet sized
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        --r;
+        continue;
+      }
+      throw CommError(me + peer + " is too small (" + std::to_string(st.st_size) +
+                      " bytes) to be a pycomm segment");
+    }
+    // Read the header first: a segment of another size is a peer with other settings,
+    // and mapping past its end would fault.
+    void* hp = mmap(nullptr, kHeaderBytes, PROT_READ, MAP_SHARED, fd, 0);
+    if (hp == MAP_FAILED) {
+      close(fd);
+      throw CommError(me + errnoText("mmap of " + peer));
+    }
+    const Header* h = static_cast<const Header*>(hp);
+    while (loadAcquire(&h->magic) != kMagic) {
+      if (Clock::now() > deadline) {
+        munmap(hp, kHeaderBytes);
+        close(fd);
+        throw TimeoutError(me + peer + " was never initialised");
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    std::string bad;
+    if (h->rank != r || h->size != size_)
+      bad = "it belongs to rank " + std::to_string(h->rank) + " of " + std::to_string(h->size) +
+            ", expected rank " + std::to_string(r) + " of " + std::to_string(size_);
+    else if (h->slotBytes != opt_.slotBytes || h->slots != opt_.slots || h->lanes != opt_.lanes)
+      bad = "rank " + std::to_string(r) + " runs with PYCOMM_SHM_SLOT_BYTES=" + std::to_string(h->slotBytes) +
+            " and PYCOMM_SHM_SLOTS=" + std::to_string(h->slots) + " (" + std::to_string(h->lanes) +
+            " lanes) but rank " + std::to_string(rank_) + " with " + std::to_string(opt_.slotBytes) +
+            " and " + std::to_string(opt_.slots) + " (" + std::to_string(opt_.lanes) +
+            " lanes); every rank must use the same PYCOMM_SHM_* settings";
+    else if (h->pid <= 0)
+      bad = "its header names pid " + std::to_string(h->pid);
+    else if (size_t(st.st_size) != bytes_)
+      bad = "it has " + std::to_string(st.st_size) + " bytes where " + std::to_string(bytes_) + " were expected";
+    munmap(hp, kHeaderBytes);
+    if (!bad.empty()) {
+      close(fd);
+      throw CommError(me + "cannot use " + peer + ": " + bad);
     }
     void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
-    if (p == MAP_FAILED) throw CommError(errnoText("mmap(" + names[r] + ")"));
+    if (p == MAP_FAILED) throw CommError(me + errnoText("mmap of " + peer));
     maps_[r] = {static_cast<char*>(p), bytes_};
-    Header* h = header(r);
-    while (loadAcquire(&h->magic) != kMagic) {
-      if (Clock::now() > deadline)
-        throw TimeoutError("pycomm: rank " + std::to_string(r) + "'s segment was never initialised");
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+bool ShmTransport::reapIfStale(const std::string& name) {
+  int fd = shm_open(name.c_str(), O_RDONLY | O_NOFOLLOW, 0);
+  if (fd < 0) return false;
+  struct stat st;
+  bool stale = false;
+  if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid()) {
+    if (size_t(st.st_size) >= kHeaderBytes) {
+      void* p = mmap(nullptr, kHeaderBytes, PROT_READ, MAP_SHARED, fd, 0);
+      if (p != MAP_FAILED) {
+        const Header* h = static_cast<const Header*>(p);
+        if (loadAcquire(&h->magic) == kMagic)
+          stale = h->pid <= 0 || !processAlive(h->pid, h->startTime);
+        else  // its creator died before it finished writing the header
+          stale = time(nullptr) - st.st_ctime > 60;
+        munmap(p, kHeaderBytes);
+      }
+    } else {
+      stale = time(nullptr) - st.st_ctime > 60;
     }
-    if (h->rank != r || h->size != size_)
-      throw CommError("pycomm: segment " + names[r] + " belongs to rank " + std::to_string(h->rank) +
-                      " of " + std::to_string(h->size) + ", expected rank " + std::to_string(r) +
-                      " of " + std::to_string(size_));
+  }
+  close(fd);
+  return stale && shm_unlink(name.c_str()) == 0;
+}
+
+void ShmTransport::corruptForTest(const std::string& what) {
+  Header* h = header(rank_);
+  if (what == "pid") {
+    h->pid = -1;
+  } else if (what == "abort") {
+    std::memset(h->abortMsg, 'x', sizeof(h->abortMsg));  // no terminating NUL
+    __atomic_store_n(&h->aborted, 1u, __ATOMIC_RELEASE);
+  } else if (what == "counter") {
+    for (int peer = 0; peer < size_; ++peer)
+      for (int lane = 0; lane < opt_.lanes; ++lane)
+        if (peer != rank_) storeRelease(&channel(rank_, peer, lane)->head, uint64_t(1) << 40);
+  } else {
+    throw std::invalid_argument("corruptForTest: 'pid', 'abort' or 'counter', not '" + what + "'");
   }
 }
 
@@ -194,7 +310,9 @@ bool ShmTransport::trySend(int peer, int lane, const OpDesc& desc, const char* d
   size_t ch = size_t(peer) * opt_.lanes + lane;
   Channel* c = channel(rank_, peer, lane);
   uint64_t head = sendHead_[ch];
-  if (head - loadAcquire(&c->tail) >= uint64_t(opt_.slots)) return false;
+  uint64_t tail = loadAcquire(&c->tail);  // written by the peer: check before trusting it
+  if (tail > head) corrupted(peer, "its receive counter is ahead of what this rank sent");
+  if (head - tail >= uint64_t(opt_.slots)) return false;
   char* s = slot(rank_, peer, lane, head);
   auto* ph = reinterpret_cast<PieceHeader*>(s);
   ph->desc = desc;
@@ -247,21 +365,27 @@ void ShmTransport::fail(const std::string& msg, int kind) {
   throw CommError(msg);
 }
 
+// Everything read from a peer's memory is checked before use; memory that breaks the
+// protocol (a bug, or a process of this user writing into it) fails the collective with an
+// error naming the peer, never an access out of bounds.
+void ShmTransport::corrupted(int peer, const std::string& what) {
+  fail("pycomm: rank " + std::to_string(rank_) + " found rank " + std::to_string(peer) +
+           "'s shared memory corrupted: " + what + ". The group cannot go on; start a new one",
+       0);
+}
+
 void ShmTransport::checkPeers(const OpDesc& desc, int waitingOn) {
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
     Header* h = header(r);
     if (__atomic_load_n(&h->aborted, __ATOMIC_ACQUIRE)) {
       fail("pycomm: " + describe(desc) + " on rank " + std::to_string(rank_) + " stopped because rank " +
-               std::to_string(r) + " failed: " + std::string(h->abortMsg),
+               std::to_string(r) + " failed: " +
+               std::string(h->abortMsg, strnlen(h->abortMsg, sizeof(h->abortMsg))),
            0);
     }
-    char state = '?';
-    uint64_t start = 0;
-    bool alive = kill(pid_t(h->pid), 0) == 0 || errno == EPERM;
-    if (alive && procStat(h->pid, &state, &start))
-      alive = state != 'Z' && state != 'X' && (h->startTime == 0 || start == h->startTime);
-    if (!alive) {
+    if (h->pid <= 0) corrupted(r, "its header names pid " + std::to_string(h->pid));
+    if (!processAlive(h->pid, h->startTime)) {
       fail("pycomm: " + describe(desc) + " on rank " + std::to_string(rank_) + " failed: rank " +
                std::to_string(r) + " (pid " + std::to_string(h->pid) + ") exited" +
                (r == waitingOn ? " while this rank was waiting for it" : ""),
@@ -404,10 +528,14 @@ bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
         }
         Channel* c = channel(peer, rank_, lane);
         uint64_t tail = recvTail_[q];
-        if (loadAcquire(&c->head) == tail) {
+        const uint64_t head = loadAcquire(&c->head);
+        if (head == tail) {
           waitingOn = peer;
           break;
         }
+        if (head - tail > uint64_t(opt_.slots))
+          corrupted(peer, "its send counter is " + std::to_string(head - tail) + " pieces ahead, with " +
+                              std::to_string(opt_.slots) + " slots");
         const char* s = slot(peer, rank_, lane, tail);
         const auto* ph = reinterpret_cast<const PieceHeader*>(s);
         const OpDesc& want = plan.descOf(t, desc);
@@ -419,6 +547,8 @@ bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
                    "same sizes, dtypes, ops and algorithm",
                2);
         size_t n = ph->bytes;
+        if (n > opt_.slotBytes)
+          corrupted(peer, "a piece claims " + std::to_string(n) + " bytes, more than a slot holds");
         if (n == 0 || n > t.bytes - t.done)
           fail("pycomm: " + describe(desc) + ": rank " + std::to_string(peer) + " sent " +
                    std::to_string(n) + " bytes where rank " + std::to_string(rank_) + " expected at most " +

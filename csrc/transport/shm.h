@@ -10,7 +10,8 @@
 // Set-up is three steps driven by the Python layer through the rendezvous store: create
 // (own segment), attach (map every peer's), unlinkOwn (remove the name once every rank has
 // mapped it).  After set-up no name is left in /dev/shm, so a crash cannot leak a segment;
-// the mappings die with the processes.
+// the mappings die with the processes.  Only this user's segments with mode 0600 are ever
+// mapped, and every value read from a peer's memory is bounds-checked (README: Security).
 #pragma once
 
 #include <cstdint>
@@ -39,6 +40,9 @@ class ShmTransport final : public Transport {
   // while a peer has not created its segment yet.
   void attach(const std::vector<std::string>& names, Clock::time_point deadline);
   void unlinkOwn();
+  // Removes segment `name` if this user owns it and the process that created it is gone
+  // (a name left by a rank killed during start-up); true if it was removed.
+  static bool reapIfStale(const std::string& name);
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -48,6 +52,10 @@ class ShmTransport final : public Transport {
                Clock::time_point deadline, Clock::time_point returnBy) override;
   void publish(const OpDesc& desc) override;
   void abort(const std::string& why) override;
+
+  // Tests of the bounds checks: damages this rank's own segment the way a bug or a stray
+  // writer could ("pid", "abort" or "counter"), so that its peers must notice.
+  void corruptForTest(const std::string& what);
 
   size_t segmentBytes() const { return bytes_; }
   const std::string& segmentName() const { return name_; }
@@ -68,6 +76,7 @@ class ShmTransport final : public Transport {
   void checkPeers(const OpDesc& desc, int waitingOn);  // throws if a peer died or gave up
   std::string peerState(int peer) const;
   [[noreturn]] void fail(const std::string& msg, int kind);
+  [[noreturn]] void corrupted(int peer, const std::string& what);
 
   int rank_, size_;
   ShmOptions opt_;

@@ -192,24 +192,43 @@ def test_mismatched_collectives_raise_instead_of_corrupting(run, kind):
 
 
 def test_segment_is_owner_only_and_removed():
-    name = f"/pycomm-test{os.getpid()}-g0-r0-p{os.getpid()}"
+    name = f"/pycomm-{os.getpid():016x}-test-r0"
     t = pycomm._C.ShmTransport(0, 1, name, slot_bytes=4096, slots=2, lanes=1)
     path = "/dev/shm" + name
     assert os.stat(path).st_mode & 0o777 == 0o600
+    with pytest.raises(pycomm.CommError, match="exists already"):
+        pycomm._C.ShmTransport(0, 1, name, slot_bytes=4096, slots=2, lanes=1)
     t.unlink()
     assert not os.path.exists(path)
     with pytest.raises(ValueError, match="slots"):
         pycomm._C.ShmTransport(0, 1, name, slot_bytes=100, slots=2, lanes=1)
 
 
+LEAVE_SEGMENT = """
+import os, sys, pycomm
+t = pycomm._C.ShmTransport(0, 2, sys.argv[1], slot_bytes=4096, slots=2, lanes=1)
+print("made", flush=True)
+if sys.argv[2] == "die":
+    os._exit(0)  # killed during start-up: the name stays behind
+sys.stdin.readline()
+"""
+
+
 def test_stale_segment_from_dead_process_is_reaped(run):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    path = f"/dev/shm/pycomm-0123abcd-g0-r0-p{dead.pid}"
-    with open(path, "wb") as f:
-        f.write(b"x")
-    run(2, job_sum, 10, fresh=True)  # a fresh start-up reaps it
-    assert not os.path.exists(path)
+    dead_name, live_name = "/pycomm-00000000deadbeef-g0-r1", "/pycomm-00000000deadbeef-g0-r0"
+    subprocess.run([sys.executable, "-c", LEAVE_SEGMENT, dead_name, "die"], check=True,
+                   capture_output=True)
+    live = subprocess.Popen([sys.executable, "-c", LEAVE_SEGMENT, live_name, "live"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "made"
+        assert os.path.exists("/dev/shm" + dead_name)
+        run(2, job_sum, 10, fresh=True)  # a fresh start-up reaps what the dead process left
+        assert not os.path.exists("/dev/shm" + dead_name)
+        assert os.path.exists("/dev/shm" + live_name)  # a live start-up's is left alone
+    finally:
+        live.communicate("\n", timeout=30)
+    assert not os.path.exists("/dev/shm" + live_name)
 
 
 def job_sum(n):
