@@ -32,6 +32,8 @@ sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
 # What the CUDA library is made of: its own sources and the torch-free core it executes.
 CUDA_SOURCES = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + [
     os.path.join("csrc", "common.cpp"),
+    os.path.join("csrc", "algorithms", "collectives.cpp"),
+    os.path.join("csrc", "algorithms", "cost.cpp"),
     os.path.join("csrc", "algorithms", "ring.cpp"),
     os.path.join("csrc", "algorithms", "tree.cpp"),
     os.path.join("csrc", "algorithms", "rounds.cpp"),

@@ -6,7 +6,9 @@
 
 #include <tuple>
 
+#include "algorithms/algorithms.h"
 #include "algorithms/cost.h"
+#include "algorithms/collectives.h"
 #include "algorithms/rounds.h"
 #include "communicator.h"
 #include "transport/shm.h"
@@ -74,30 +76,23 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("size", &Communicator::size)
       .def_property_readonly("seq", &Communicator::seq)
       .def_property_readonly("transport", &Communicator::transportPtr)
-      .def("all_reduce",
-           [](Communicator& c, uintptr_t out, uintptr_t in, size_t count, int dtype, int op,
-              int algo, double timeout) {
-             py::gil_scoped_release nogil;
-             c.allReduce(ptr(out), ptr(in), count, DType(dtype), RedOp(op), Algo(algo), timeout);
-           })
-      .def("reduce_scatter",
-           [](Communicator& c, uintptr_t out, uintptr_t in, size_t count, int dtype, int op,
-              int algo, double timeout) {
-             py::gil_scoped_release nogil;
-             c.reduceScatter(ptr(out), ptr(in), count, DType(dtype), RedOp(op), Algo(algo), timeout);
-           })
-      .def("all_gather",
-           [](Communicator& c, uintptr_t out, uintptr_t in, size_t count, int dtype, int algo,
-              double timeout) {
-             py::gil_scoped_release nogil;
-             c.allGather(ptr(out), ptr(in), count, DType(dtype), Algo(algo), timeout);
-           })
-      .def("broadcast",
-           [](Communicator& c, uintptr_t buf, size_t count, int dtype, int root, int algo,
-              double timeout) {
-             py::gil_scoped_release nogil;
-             c.broadcast(ptr(buf), count, DType(dtype), root, Algo(algo), timeout);
-           })
+      .def(
+          "collective",
+          [](Communicator& c, int coll, int algo, uintptr_t out, uintptr_t in, size_t count, int dtype,
+             int op, int root, double timeout, const std::vector<size_t>& sendCounts,
+             const std::vector<size_t>& recvCounts) {
+            CollArgs a{Coll(coll), Algo(algo), c.size(), static_cast<char*>(ptr(out)),
+                       static_cast<const char*>(ptr(in)), nullptr, count, 0, root};
+            if (!sendCounts.empty()) a.sendCounts = sendCounts.data();
+            if (!recvCounts.empty()) a.recvCounts = recvCounts.data();
+            py::gil_scoped_release nogil;
+            c.collective(a, DType(dtype), RedOp(op), timeout);
+          },
+          py::arg("coll"), py::arg("algo"), py::arg("out"), py::arg("input"), py::arg("count"),
+          py::arg("dtype"), py::arg("op"), py::arg("root"), py::arg("timeout"),
+          py::arg("send_counts") = std::vector<size_t>{}, py::arg("recv_counts") = std::vector<size_t>{},
+          "one collective of the table (codes: COLLECTIVES, ALGORITHMS, DTYPES, OPS); buffers "
+          "are data pointers, counts as the table's rows say")
       .def("barrier",
            [](Communicator& c, double timeout) {
              py::gil_scoped_release nogil;
@@ -119,6 +114,30 @@ PYBIND11_MODULE(_C, m) {
       .def("done", &Communicator::done, py::arg("id"));
 
   bindTorchBackend(m);
+
+  // The codes of csrc/common.h by name, and the collective table's rows: Python reads them
+  // here instead of keeping copies.
+  py::dict dtypes, ops, algos, colls;
+  for (int d = 0; d < kNumDTypes; ++d) dtypes[dtypeName(DType(d))] = d;
+  for (int o = 0; o < kNumRedOps; ++o) ops[redopName(RedOp(o))] = o;
+  for (Algo a : {Algo::Ring, Algo::Tree, Algo::None}) algos[algoName(a)] = int(a);
+  py::list table;
+  for (const Collective& c : collectives()) {
+    colls[c.name] = int(c.coll);
+    py::list names;
+    for (const AlgoEntry& e : c.algos) names.append(algoName(e.algo));
+    table.append(py::dict(py::arg("name") = c.name, py::arg("code") = int(c.coll),
+                          py::arg("setting") = c.setting ? py::cast(c.setting) : py::none(),
+                          py::arg("reduces") = c.reduces, py::arg("rooted") = c.rooted,
+                          py::arg("count") = c.count, py::arg("bytes") = c.bytes,
+                          py::arg("algorithms") = names));
+  }
+  colls["send/recv"] = int(Coll::SendRecv);
+  m.attr("DTYPES") = dtypes;
+  m.attr("OPS") = ops;
+  m.attr("ALGORITHMS") = algos;
+  m.attr("COLLECTIVES") = colls;
+  m.attr("TABLE") = table;
 
   m.def(
       "predict",
@@ -172,9 +191,11 @@ PYBIND11_MODULE(_C, m) {
         for (int r = 0; r < size; ++r) {
           Plan p;
           plans(p, r);
-          py::list copies, rounds;
+          py::list copies, after, rounds;
           for (const LocalCopy& c : p.copies())
             copies.append(py::make_tuple(where(c.dst), where(c.src), c.bytes));
+          for (const LocalCopy& c : p.copiesAfter())
+            after.append(py::make_tuple(where(c.dst), where(c.src), c.bytes));
           for (const auto& round : all[r].rounds) {
             py::list ops;
             for (const RoundOp& op : round) {
@@ -184,7 +205,8 @@ PYBIND11_MODULE(_C, m) {
             }
             rounds.append(ops);
           }
-          ranks.append(py::dict(py::arg("copies") = copies, py::arg("rounds") = rounds,
+          ranks.append(py::dict(py::arg("copies") = copies, py::arg("copies_after") = after,
+                                py::arg("rounds") = rounds,
                                 py::arg("scratch_bytes") = all[r].scratchBytes));
         }
         return ranks;

@@ -7,7 +7,10 @@ namespace pycomm {
 
 size_t dtypeSize(DType t) {
   switch (t) {
-    case DType::U8: return 1;
+    case DType::U8:
+    case DType::I8:
+    case DType::Bool: return 1;
+    case DType::I16: return 2;
     case DType::F16:
     case DType::BF16: return 2;
     case DType::I32:
@@ -27,6 +30,9 @@ const char* dtypeName(DType t) {
     case DType::F64: return "float64";
     case DType::F16: return "float16";
     case DType::BF16: return "bfloat16";
+    case DType::I8: return "int8";
+    case DType::I16: return "int16";
+    case DType::Bool: return "bool";
   }
   return "?";
 }
@@ -38,6 +44,10 @@ const char* redopName(RedOp op) {
     case RedOp::Min: return "min";
     case RedOp::Max: return "max";
     case RedOp::None: return "none";
+    case RedOp::Avg: return "avg";
+    case RedOp::Band: return "band";
+    case RedOp::Bor: return "bor";
+    case RedOp::Bxor: return "bxor";
   }
   return "?";
 }

@@ -10,9 +10,17 @@
 
 namespace pycomm {
 
-// Values are part of the Python binding (pycomm/_dtypes.py mirrors them).
-enum class DType : int32_t { U8 = 0, I32 = 1, I64 = 2, F32 = 3, F64 = 4, F16 = 5, BF16 = 6 };
-enum class RedOp : int32_t { Sum = 0, Prod = 1, Min = 2, Max = 3, None = 4 };
+// pycomm._C exports every code by name (bindings.cpp), so Python never copies them.
+enum class DType : int32_t {
+  U8 = 0, I32 = 1, I64 = 2, F32 = 3, F64 = 4, F16 = 5, BF16 = 6, I8 = 7, I16 = 8, Bool = 9
+};
+constexpr int kNumDTypes = 10;
+// Avg travels as itself (so that ranks mixing sum and avg are told), is reduced as Sum,
+// and the Python layer divides.  The bitwise ops are for integer and bool types.
+enum class RedOp : int32_t {
+  Sum = 0, Prod = 1, Min = 2, Max = 3, None = 4, Avg = 5, Band = 6, Bor = 7, Bxor = 8
+};
+constexpr int kNumRedOps = 9;
 enum class Coll : int32_t {
   AllReduce = 0, ReduceScatter = 1, AllGather = 2, Broadcast = 3, Barrier = 4, SendRecv = 5
 };

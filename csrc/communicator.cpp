@@ -39,6 +39,7 @@ void Communicator::run(Plan& plan, const OpDesc& desc, DType dtype, RedOp op, do
   for (const Pending& p : pending_) plan.addOptional(p.task, p.desc);
   t_->execute(plan, desc, dtype, op, after(timeoutS));
   collect(plan, first);
+  for (const LocalCopy& c : plan.copiesAfter()) std::memmove(c.dst, c.src, c.bytes);
 }
 
 void Communicator::collect(const Plan& plan, size_t first) {
@@ -110,85 +111,26 @@ char* Communicator::scratch(size_t bytes) {
   return scratch_.data();
 }
 
-void Communicator::allReduce(void* out, const void* in, size_t count, DType dtype, RedOp op,
-                             Algo algo, double timeoutS) {
+void Communicator::collective(CollArgs a, DType dtype, RedOp op, double timeoutS) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (!canReduce(dtype)) throw std::invalid_argument(std::string("cannot reduce ") + dtypeName(dtype));
-  OpDesc d = next(Coll::AllReduce, count, dtype, op, algo, -1);
+  const Collective& row = pycomm::collective(a.coll);  // also rejects unknown codes
+  if (a.size != size()) throw std::invalid_argument("collective arguments for another group size");
+  if (row.reduces && !canReduce(dtype))
+    throw std::invalid_argument(std::string("cannot reduce ") + dtypeName(dtype));
+  OpDesc d = next(a.coll, a.count, dtype, row.reduces ? op : RedOp::None, a.algo, row.rooted ? a.root : -1);
   t_->publish(d);
-  const size_t es = dtypeSize(dtype);
-  char* o = static_cast<char*>(out);
-  const char* i = static_cast<const char*>(in);
+  a.esize = dtypeSize(dtype);
+  a.scratch = scratch(collectiveScratch(a));
   Plan plan;
-  if (algo == Algo::Tree) {
-    treeAllReduce(plan, rank(), size(), o, i, count, es, t_->lanes());
-  } else {
-    if (o != i) std::memcpy(o, i, count * es);
-    ringAllReduce(plan, rank(), size(), o, count, es);
-  }
-  run(plan, d, dtype, op, timeoutS);
-}
-
-void Communicator::reduceScatter(void* out, const void* in, size_t count, DType dtype, RedOp op,
-                                 Algo algo, double timeoutS) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!canReduce(dtype)) throw std::invalid_argument(std::string("cannot reduce ") + dtypeName(dtype));
-  OpDesc d = next(Coll::ReduceScatter, count, dtype, op, algo, -1);
-  t_->publish(d);
-  const size_t es = dtypeSize(dtype), total = count * size_t(size()) * es;
-  char* o = static_cast<char*>(out);
-  const char* i = static_cast<const char*>(in);
-  Plan plan;
-  if (algo == Algo::Tree) {
-    // Latency-bound sizes: all-reduce the whole input, keep our chunk.
-    char* work = scratch(total);
-    treeAllReduce(plan, rank(), size(), work, i, count * size(), es, t_->lanes());
-    run(plan, d, dtype, op, timeoutS);
-    std::memmove(o, work + size_t(rank()) * count * es, count * es);
-    return;
-  }
-  ringReduceScatter(plan, rank(), size(), o, i, scratch(total), count, es);
-  run(plan, d, dtype, op, timeoutS);
-}
-
-void Communicator::allGather(void* out, const void* in, size_t count, DType dtype, Algo algo,
-                             double timeoutS) {
-  std::lock_guard<std::mutex> lock(mu_);
-  OpDesc d = next(Coll::AllGather, count, dtype, RedOp::None, algo, -1);
-  t_->publish(d);
-  const size_t es = dtypeSize(dtype);
-  Plan plan;
-  if (algo == Algo::Tree)
-    treeAllGather(plan, rank(), size(), static_cast<char*>(out), static_cast<const char*>(in), count, es);
-  else
-    ringAllGather(plan, rank(), size(), static_cast<char*>(out), static_cast<const char*>(in), count, es);
-  run(plan, d, DType::U8, RedOp::None, timeoutS);
-}
-
-void Communicator::broadcast(void* buf, size_t count, DType dtype, int root, Algo algo,
-                             double timeoutS) {
-  std::lock_guard<std::mutex> lock(mu_);
-  OpDesc d = next(Coll::Broadcast, count, dtype, RedOp::None, algo, root);
-  t_->publish(d);
-  const size_t bytes = count * dtypeSize(dtype);
-  Plan plan;
-  if (algo == Algo::Tree)
-    treeBroadcast(plan, rank(), size(), root, static_cast<char*>(buf), bytes);
-  else
-    chainBroadcast(plan, rank(), size(), root, static_cast<char*>(buf), bytes);
-  run(plan, d, DType::U8, RedOp::None, timeoutS);
+  collectivePlan(plan, rank(), a);
+  run(plan, d, row.reduces ? dtype : DType::U8, row.reduces ? op : RedOp::None, timeoutS);
 }
 
 void Communicator::barrier(double timeoutS) {
-  std::lock_guard<std::mutex> lock(mu_);
-  OpDesc d = next(Coll::Barrier, 1, DType::U8, RedOp::Max, Algo::Tree, -1);
-  t_->publish(d);
-  // A tree all-reduce of one byte: the root hears from everyone before anyone hears back.
   uint8_t in = 1, out = 0;
-  Plan plan;
-  treeAllReduce(plan, rank(), size(), reinterpret_cast<char*>(&out), reinterpret_cast<char*>(&in), 1,
-                1, t_->lanes());
-  run(plan, d, DType::U8, RedOp::Max, timeoutS);
+  CollArgs a{Coll::Barrier, Algo::Tree, size(), reinterpret_cast<char*>(&out),
+             reinterpret_cast<const char*>(&in), nullptr, 1, 1};
+  collective(a, DType::U8, RedOp::Max, timeoutS);
 }
 
 }  // namespace pycomm

@@ -1,5 +1,6 @@
 // A communicator: one group of ranks over one transport.  It numbers the collectives,
-// picks the plan for the requested algorithm, and runs one collective at a time.
+// builds the plan of the requested algorithm from the collective table, and runs one
+// collective at a time.
 // Arguments are assumed valid (the Python layer checks them and says what to do).
 #pragma once
 
@@ -9,7 +10,7 @@
 #include <unordered_set>
 #include <vector>
 
-#include "algorithms/algorithms.h"
+#include "algorithms/collectives.h"
 #include "transport/transport.h"
 
 namespace pycomm {
@@ -31,12 +32,10 @@ class Communicator {
   Transport& transport() { return *t_; }
   const std::shared_ptr<Transport>& transportPtr() const { return t_; }
 
-  void allReduce(void* out, const void* in, size_t count, DType dtype, RedOp op, Algo algo,
-                 double timeoutS);
-  void reduceScatter(void* out, const void* in, size_t count, DType dtype, RedOp op, Algo algo,
-                     double timeoutS);
-  void allGather(void* out, const void* in, size_t count, DType dtype, Algo algo, double timeoutS);
-  void broadcast(void* buf, size_t count, DType dtype, int root, Algo algo, double timeoutS);
+  // Runs one collective (a row of the collective table, algorithms/collectives.h) with
+  // a.algo; a.scratch is ignored (the communicator owns the scratch).  a.size must be this
+  // communicator's size.  `op` is RedOp::None for collectives that reduce nothing.
+  void collective(CollArgs a, DType dtype, RedOp op, double timeoutS);
   void barrier(double timeoutS);
   // Point-to-point messages are posted, then progressed by progress() and, on their own
   // lane, alongside every collective, so posting never blocks: ranks may isend to each

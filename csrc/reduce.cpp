@@ -24,33 +24,66 @@ namespace {
     }                                                                                     \
   }
 
-#define PYCOMM_KERNELS(SUFFIX, T)               \
-  PYCOMM_KERNEL(sum_##SUFFIX, T, T(x + y))      \
-  PYCOMM_KERNEL(prod_##SUFFIX, T, T(x * y))     \
-  PYCOMM_KERNEL(min_##SUFFIX, T, (y < x ? y : x)) \
-  PYCOMM_KERNEL(max_##SUFFIX, T, (x < y ? y : x))
-
-PYCOMM_KERNELS(u8, uint8_t)
-PYCOMM_KERNELS(i32, int32_t)
-PYCOMM_KERNELS(i64, int64_t)
-PYCOMM_KERNELS(f32, float)
-PYCOMM_KERNELS(f64, double)
-
 template <typename T>
 using Kernel = void (*)(T*, const T*, const T*, size_t);
 
+// The kernels of one type, by RedOp code (nullptr: no such reduction for the type).
 template <typename T>
-void run(Kernel<T> sum, Kernel<T> prod, Kernel<T> mn, Kernel<T> mx, RedOp op, void* dst,
-         const void* a, const void* b, size_t n) {
-  Kernel<T> k = nullptr;
-  switch (op) {
-    case RedOp::Sum: k = sum; break;
-    case RedOp::Prod: k = prod; break;
-    case RedOp::Min: k = mn; break;
-    case RedOp::Max: k = mx; break;
-    case RedOp::None: break;
-  }
-  if (!k) throw std::invalid_argument("reduction op 'none' has no kernel");
+struct Kernels {
+  Kernel<T> byOp[kNumRedOps] = {};
+};
+
+#define PYCOMM_ARITH(SUFFIX, T)                   \
+  PYCOMM_KERNEL(sum_##SUFFIX, T, T(x + y))        \
+  PYCOMM_KERNEL(prod_##SUFFIX, T, T(x * y))       \
+  PYCOMM_KERNEL(min_##SUFFIX, T, (y < x ? y : x)) \
+  PYCOMM_KERNEL(max_##SUFFIX, T, (x < y ? y : x))
+#define PYCOMM_BITWISE(SUFFIX, T)          \
+  PYCOMM_KERNEL(band_##SUFFIX, T, T(x & y)) \
+  PYCOMM_KERNEL(bor_##SUFFIX, T, T(x | y))  \
+  PYCOMM_KERNEL(bxor_##SUFFIX, T, T(x ^ y))
+
+PYCOMM_ARITH(u8, uint8_t)
+PYCOMM_ARITH(i8, int8_t)
+PYCOMM_ARITH(i16, int16_t)
+PYCOMM_ARITH(i32, int32_t)
+PYCOMM_ARITH(i64, int64_t)
+PYCOMM_ARITH(f32, float)
+PYCOMM_ARITH(f64, double)
+PYCOMM_BITWISE(u8, uint8_t)
+PYCOMM_BITWISE(i8, int8_t)
+PYCOMM_BITWISE(i16, int16_t)
+PYCOMM_BITWISE(i32, int32_t)
+PYCOMM_BITWISE(i64, int64_t)
+
+template <typename T>
+Kernels<T> arith(Kernel<T> sum, Kernel<T> prod, Kernel<T> mn, Kernel<T> mx) {
+  Kernels<T> k;
+  k.byOp[int(RedOp::Sum)] = k.byOp[int(RedOp::Avg)] = sum;  // avg: a sum, divided later
+  k.byOp[int(RedOp::Prod)] = prod;
+  k.byOp[int(RedOp::Min)] = mn;
+  k.byOp[int(RedOp::Max)] = mx;
+  return k;
+}
+template <typename T>
+Kernels<T> integer(Kernels<T> k, Kernel<T> band, Kernel<T> bor, Kernel<T> bxor) {
+  k.byOp[int(RedOp::Band)] = band;
+  k.byOp[int(RedOp::Bor)] = bor;
+  k.byOp[int(RedOp::Bxor)] = bxor;
+  return k;
+}
+// bool (one byte, 0 or 1) as torch and gloo reduce it: sum and max are "or", prod and
+// min are "and".
+Kernels<uint8_t> logical() {
+  return integer(arith<uint8_t>(max_u8, min_u8, min_u8, max_u8), min_u8, max_u8, bxor_u8);
+}
+
+template <typename T>
+void run(const Kernels<T>& ks, DType t, RedOp op, void* dst, const void* a, const void* b, size_t n) {
+  int code = int(op);
+  Kernel<T> k = code >= 0 && code < kNumRedOps ? ks.byOp[code] : nullptr;
+  if (!k)
+    throw std::invalid_argument(std::string("no ") + redopName(op) + " reduction for " + dtypeName(t));
   k(static_cast<T*>(dst), static_cast<const T*>(a), static_cast<const T*>(b), n);
 }
 
@@ -59,12 +92,26 @@ void run(Kernel<T> sum, Kernel<T> prod, Kernel<T> mn, Kernel<T> mx, RedOp op, vo
 bool canReduce(DType t) { return t != DType::F16 && t != DType::BF16; }
 
 void reduceInto(void* dst, const void* a, const void* b, size_t n, DType t, RedOp op) {
+  static const auto u8 = integer(arith<uint8_t>(sum_u8, prod_u8, min_u8, max_u8), band_u8, bor_u8, bxor_u8);
+  static const auto i8 = integer(arith<int8_t>(sum_i8, prod_i8, min_i8, max_i8), band_i8, bor_i8, bxor_i8);
+  static const auto i16 =
+      integer(arith<int16_t>(sum_i16, prod_i16, min_i16, max_i16), band_i16, bor_i16, bxor_i16);
+  static const auto i32 =
+      integer(arith<int32_t>(sum_i32, prod_i32, min_i32, max_i32), band_i32, bor_i32, bxor_i32);
+  static const auto i64 =
+      integer(arith<int64_t>(sum_i64, prod_i64, min_i64, max_i64), band_i64, bor_i64, bxor_i64);
+  static const auto f32 = arith<float>(sum_f32, prod_f32, min_f32, max_f32);
+  static const auto f64 = arith<double>(sum_f64, prod_f64, min_f64, max_f64);
+  static const auto boolean = logical();
   switch (t) {
-    case DType::U8: return run<uint8_t>(sum_u8, prod_u8, min_u8, max_u8, op, dst, a, b, n);
-    case DType::I32: return run<int32_t>(sum_i32, prod_i32, min_i32, max_i32, op, dst, a, b, n);
-    case DType::I64: return run<int64_t>(sum_i64, prod_i64, min_i64, max_i64, op, dst, a, b, n);
-    case DType::F32: return run<float>(sum_f32, prod_f32, min_f32, max_f32, op, dst, a, b, n);
-    case DType::F64: return run<double>(sum_f64, prod_f64, min_f64, max_f64, op, dst, a, b, n);
+    case DType::U8: return run(u8, t, op, dst, a, b, n);
+    case DType::I8: return run(i8, t, op, dst, a, b, n);
+    case DType::I16: return run(i16, t, op, dst, a, b, n);
+    case DType::I32: return run(i32, t, op, dst, a, b, n);
+    case DType::I64: return run(i64, t, op, dst, a, b, n);
+    case DType::F32: return run(f32, t, op, dst, a, b, n);
+    case DType::F64: return run(f64, t, op, dst, a, b, n);
+    case DType::Bool: return run(boolean, t, op, dst, a, b, n);
     default:
       throw std::invalid_argument(std::string("no reduction kernel for ") + dtypeName(t) +
                                   "; reduce it as float32");

@@ -1,6 +1,7 @@
 // Elementwise reduction kernels: dst[i] = a[i] op b[i].  `a` may alias `dst`.
 // Half types are reduced by the Python layer in float32 (upcast once, round once), so the
-// kernels cover the types that are reduced natively.
+// kernels cover the types that are reduced natively: sum, prod, min, max (and avg, as a
+// sum) for every other type, and band, bor, bxor for integers and bool.
 #pragma once
 
 #include "common.h"

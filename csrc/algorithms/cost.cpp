@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "algorithms/algorithms.h"
+#include "algorithms/collectives.h"
 
 namespace pycomm {
 
@@ -21,34 +22,18 @@ int treeDepth(int size) {
 
 double predict(const CostModel& m, Coll coll, Algo algo, double n, int p) {
   if (p <= 1) return 0.0;
-  const double a = m.alpha, b = m.beta, g = m.gamma, f = double(p - 1) / p;
-  if (algo == Algo::Ring) {
-    switch (coll) {
-      case Coll::AllReduce: return 2 * (p - 1) * a + 2 * f * n * b + f * n * g;
-      case Coll::ReduceScatter: return (p - 1) * a + f * n * b + f * n * g;
-      case Coll::AllGather: return (p - 1) * a + f * n * b;
-      case Coll::Broadcast: return (p - 1) * a + n * b;
-      default: break;
-    }
-  } else if (algo == Algo::Tree) {
-    // The busiest tree rank takes two children's halves in and sends two halves out.
-    const double d = treeDepth(p);
-    switch (coll) {
-      case Coll::AllReduce:
-      case Coll::ReduceScatter: return 2 * d * a + 2 * n * b + n * g;
-      case Coll::AllGather: return 2 * d * a + 2 * n * b;
-      case Coll::Broadcast: return d * a + 2 * n * b;
-      default: break;
-    }
-  }
-  throw std::invalid_argument(std::string("no cost formula for ") + collName(coll) + " with " +
-                              algoName(algo));
+  return algorithm(collective(coll), algo).cost(m, n, p);
 }
 
 Algo choose(const CostModel& m, Coll coll, double bytes, int size) {
-  return predict(m, coll, Algo::Tree, bytes, size) < predict(m, coll, Algo::Ring, bytes, size)
-             ? Algo::Tree
-             : Algo::Ring;
+  const Collective& c = collective(coll);
+  Algo best = c.algos.front().algo;  // ties go to the first (ring before tree)
+  double bestTime = predict(m, coll, best, bytes, size);
+  for (const AlgoEntry& e : c.algos) {
+    double t = predict(m, coll, e.algo, bytes, size);
+    if (t < bestTime) best = e.algo, bestTime = t;
+  }
+  return best;
 }
 
 namespace {
@@ -71,14 +56,10 @@ Algo parseAlgo(const std::string& s, const std::string& setting) {
 Algo algoOverride(const std::string& setting, Coll coll) {
   std::string s = lower(setting);
   if (s.find(':') == std::string::npos) return parseAlgo(s, setting);
-  const char* want = nullptr;
-  switch (coll) {
-    case Coll::AllReduce: want = "allreduce"; break;
-    case Coll::ReduceScatter: want = "reducescatter"; break;
-    case Coll::AllGather: want = "allgather"; break;
-    case Coll::Broadcast: want = "broadcast"; break;
-    default: return Algo::None;
-  }
+  const char* want = collective(coll).setting;
+  std::string names;
+  for (const Collective& c : collectives())
+    if (c.setting) names += std::string(names.empty() ? "" : ", ") + c.setting;
   Algo found = Algo::None;
   std::stringstream parts(s);
   std::string part;
@@ -88,11 +69,13 @@ Algo algoOverride(const std::string& setting, Coll coll) {
     if (colon == std::string::npos) throw std::invalid_argument("PYCOMM_ALGO=" + setting + ": '" + part +
                                                                 "' lacks 'collective:algorithm'");
     std::string name = part.substr(0, colon);
-    if (name != "allreduce" && name != "reducescatter" && name != "allgather" && name != "broadcast")
+    bool known = false;
+    for (const Collective& c : collectives()) known = known || (c.setting && name == c.setting);
+    if (!known)
       throw std::invalid_argument("PYCOMM_ALGO=" + setting + ": unknown collective '" + name +
-                                  "'; use allreduce, reducescatter, allgather or broadcast");
+                                  "'; use one of " + names);
     Algo a = parseAlgo(part.substr(colon + 1), setting);
-    if (name == want) found = a;
+    if (want && name == want) found = a;
   }
   return found;
 }

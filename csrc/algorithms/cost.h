@@ -1,5 +1,5 @@
-// The alpha-beta cost model (formulas in algorithms/ring.cpp and tree.cpp headers), one
-// implementation for the Python API (pycomm.tuning) and the torch.distributed backend.
+// The alpha-beta cost model: its constants, and choosing the cheapest of a collective's
+// algorithms by the formulas in its row of the collective table (collectives.h).
 #pragma once
 
 #include <string>
@@ -15,13 +15,12 @@ struct CostModel {
 };
 
 int treeDepth(int size);
-// Predicted seconds of `coll` (AllReduce, ReduceScatter, AllGather, Broadcast) with `algo`
-// on `size` ranks for a buffer of `bytes` (the whole tensor / input / output).
+// Predicted seconds of `coll` with `algo` on `size` ranks for `bytes` (the row's buffer).
 double predict(const CostModel& m, Coll coll, Algo algo, double bytes, int size);
 Algo choose(const CostModel& m, Coll coll, double bytes, int size);
 
 // PYCOMM_ALGO: "ring", "tree", or per collective like NCCL_ALGO:
-// "allreduce:tree;allgather:ring" (names: allreduce, reducescatter, allgather, broadcast).
+// "allreduce:tree;allgather:ring" (names: the rows' `setting`).
 // Returns Algo::None when the setting leaves `coll` to the cost model; throws
 // std::invalid_argument on a malformed setting.
 Algo algoOverride(const std::string& setting, Coll coll);

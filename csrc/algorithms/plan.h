@@ -19,7 +19,7 @@
 namespace pycomm {
 
 // A copy inside this rank's memory that must happen before any task runs (an algorithm's
-// own block placed into the output, say).  Kept in the plan rather than done by the
+// own block placed into the output, say), or after all of them (Plan::copyAfter).  Kept in the plan rather than done by the
 // algorithm so that a transport whose buffers live on a GPU can make it a device copy.
 struct LocalCopy {
   char* dst;
@@ -62,7 +62,13 @@ class Plan {
     if (dst != src && bytes > 0)
       copies_.push_back({static_cast<char*>(dst), static_cast<const char*>(src), bytes});
   }
+  // A copy after every task is done (a result moved out of scratch, say).
+  void copyAfter(void* dst, const void* src, size_t bytes) {
+    if (dst != src && bytes > 0)
+      after_.push_back({static_cast<char*>(dst), static_cast<const char*>(src), bytes});
+  }
   const std::vector<LocalCopy>& copies() const { return copies_; }
+  const std::vector<LocalCopy>& copiesAfter() const { return after_; }
   std::vector<Task>& tasks() { return tasks_; }
   const std::vector<Task>& tasks() const { return tasks_; }
   // Point-to-point tasks carry their own descriptor (a per-peer sequence number).
@@ -97,7 +103,7 @@ class Plan {
   }
   std::vector<Task> tasks_;
   std::vector<OpDesc> descs_;
-  std::vector<LocalCopy> copies_;
+  std::vector<LocalCopy> copies_, after_;
 };
 
 }  // namespace pycomm

@@ -165,38 +165,4 @@ std::vector<Rounds> scheduleRounds(int size, const PlanOf& planOf, size_t pieceB
   return out;
 }
 
-void collectivePlan(Plan& plan, int rank, const CollArgs& a) {
-  const size_t es = a.esize;
-  switch (a.coll) {
-    case Coll::AllReduce:
-      if (a.algo == Algo::Tree) {
-        treeAllReduce(plan, rank, a.size, a.out, a.in, a.count, es, 2);
-      } else {
-        plan.copy(a.out, a.in, a.count * es);
-        ringAllReduce(plan, rank, a.size, a.out, a.count, es);
-      }
-      return;
-    case Coll::ReduceScatter:
-      if (a.algo == Algo::Tree)
-        treeAllReduce(plan, rank, a.size, a.scratch, a.in, a.count * size_t(a.size), es, 2);
-      else
-        ringReduceScatter(plan, rank, a.size, a.out, a.in, a.scratch, a.count, es);
-      return;
-    case Coll::AllGather:
-      if (a.algo == Algo::Tree)
-        treeAllGather(plan, rank, a.size, a.out, a.in, a.count, es);
-      else
-        ringAllGather(plan, rank, a.size, a.out, a.in, a.count, es);
-      return;
-    case Coll::Broadcast:
-      if (a.algo == Algo::Tree)
-        treeBroadcast(plan, rank, a.size, a.root, a.out, a.count * es);
-      else
-        chainBroadcast(plan, rank, a.size, a.root, a.out, a.count * es);
-      return;
-    default:
-      throw std::invalid_argument(std::string("no grouped plan for ") + collName(a.coll));
-  }
-}
-
 }  // namespace pycomm

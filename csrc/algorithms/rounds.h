@@ -45,21 +45,5 @@ using PlanOf = std::function<void(Plan&, int rank)>;
 // receive is missing or of another size): that is a bug in an algorithm.
 std::vector<Rounds> scheduleRounds(int size, const PlanOf& planOf, size_t pieceBytes);
 
-// The plan one rank executes for a collective over a grouped transport.  `scratch` holds
-// size*count elements for reduce-scatter (ring partial sums, or the tree's full
-// reduction); for a tree reduce-scatter the result is left in scratch at this rank's
-// chunk and the caller copies it out.
-struct CollArgs {
-  Coll coll;
-  Algo algo;
-  int size;
-  char* out;
-  const char* in;
-  char* scratch;
-  size_t count;   // elements per rank (all-reduce: of the buffer; reduce-scatter: output)
-  size_t esize;
-  int root;
-};
-void collectivePlan(Plan& plan, int rank, const CollArgs& a);
 
 }  // namespace pycomm

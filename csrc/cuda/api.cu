@@ -10,6 +10,7 @@
 
 #include "cuda/check.h"
 #include "cuda/ipc.cuh"
+#include "algorithms/collectives.h"
 #include "cuda/nccl.cuh"
 #include "cuda/reduce.cuh"
 
@@ -37,12 +38,12 @@ int guarded(F&& body) {
 cudaStream_t asStream(void* s) { return static_cast<cudaStream_t>(s); }
 
 DType asDType(int d) {
-  if (d < 0 || d > int(DType::BF16)) fail("unknown dtype code " + std::to_string(d));
+  if (d < 0 || d >= kNumDTypes) fail("unknown dtype code " + std::to_string(d));
   return DType(d);
 }
 
 RedOp asOp(int op) {
-  if (op < 0 || op > int(RedOp::Max)) fail("unknown reduction code " + std::to_string(op));
+  if (op < 0 || op >= kNumRedOps) fail("unknown reduction code " + std::to_string(op));
   return RedOp(op);
 }
 
@@ -117,7 +118,7 @@ int pycomm_nccl_scratch_bytes(void* comm, int coll, int algo, size_t count, int 
 int pycomm_nccl_run(void* comm, int coll, int algo, void* out, const void* in, void* scratch,
                     size_t count, int dtype, int op, int root, void* stream) {
   return guarded([&] {
-    RedOp r = (coll == int(Coll::AllReduce) || coll == int(Coll::ReduceScatter)) ? asOp(op) : RedOp::None;
+    RedOp r = collective(Coll(coll)).reduces ? asOp(op) : RedOp::None;
     static_cast<NcclComm*>(comm)->run(Coll(coll), Algo(algo), out, in, scratch, count,
                                       asDType(dtype), r, root, asStream(stream));
   });

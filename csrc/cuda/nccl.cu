@@ -66,7 +66,7 @@ const Rounds& NcclComm::rounds(const CollArgs& a) {
 size_t NcclComm::scratchBytes(Coll coll, Algo algo, size_t count, DType dtype, int root) {
   std::lock_guard<std::mutex> lock(mu_);
   CollArgs a{coll, algo, size_, nullptr, nullptr, nullptr, count, dtypeSize(dtype), root};
-  return align256(algorithmScratch(a)) + rounds(a).scratchBytes;
+  return align256(collectiveScratch(a)) + rounds(a).scratchBytes;
 }
 
 void NcclComm::run(Coll coll, Algo algo, void* out, const void* in, void* scratch, size_t count,
@@ -80,7 +80,7 @@ void NcclComm::run(Coll coll, Algo algo, void* out, const void* in, void* scratc
   Plan plan;
   collectivePlan(plan, rank_, a);
   const Rounds& rs = rounds(a);
-  char* roundScratch = static_cast<char*>(scratch) + align256(algorithmScratch(a));
+  char* roundScratch = static_cast<char*>(scratch) + align256(collectiveScratch(a));
 
   for (const LocalCopy& c : plan.copies())
     PYCOMM_CUDA_CHECK(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream));
@@ -103,11 +103,8 @@ void NcclComm::run(Coll coll, Algo algo, void* out, const void* in, void* scratc
       reduce(t.dst + o.offset, srcs, 2, o.bytes / es, dtype, op, stream);
     }
   }
-  if (coll == Coll::ReduceScatter && algo == Algo::Tree && count > 0) {
-    // The tree all-reduced the whole input into scratch: keep this rank's chunk.
-    PYCOMM_CUDA_CHECK(cudaMemcpyAsync(out, static_cast<char*>(scratch) + size_t(rank_) * count * es,
-                                      count * es, cudaMemcpyDeviceToDevice, stream));
-  }
+  for (const LocalCopy& c : plan.copiesAfter())
+    PYCOMM_CUDA_CHECK(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream));
 }
 
 void NcclComm::p2p(int n, const int* isSend, void* const* bufs, const size_t* bytes, const int* peers,

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "algorithms/collectives.h"
 #include "algorithms/rounds.h"
 #include "common.h"
 
@@ -31,9 +32,6 @@ class NcclComm {
   using Key = std::tuple<int, int, size_t, size_t, int>;  // coll, algo, count, esize, root
   // This rank's rounds, computed once per shape (pointers do not change them).
   const Rounds& rounds(const CollArgs& a);
-  static size_t algorithmScratch(const CollArgs& a) {
-    return a.coll == Coll::ReduceScatter ? a.count * size_t(a.size) * a.esize : 0;
-  }
 
   int device_, rank_, size_;
   size_t pieceBytes_;

@@ -93,6 +93,7 @@ void launch(void* out, const Sources& s, size_t count, RedOp op, cudaStream_t st
   const int blocks = int(std::min<size_t>((work + threads - 1) / threads, 1024));
   T* o = static_cast<T*>(out);
   switch (op) {
+    case RedOp::Avg:  // a sum; the caller divides
     case RedOp::Sum: reduceKernel<T, int(RedOp::Sum)><<<blocks, threads, 0, stream>>>(o, s, count, aligned); break;
     case RedOp::Prod: reduceKernel<T, int(RedOp::Prod)><<<blocks, threads, 0, stream>>>(o, s, count, aligned); break;
     case RedOp::Min: reduceKernel<T, int(RedOp::Min)><<<blocks, threads, 0, stream>>>(o, s, count, aligned); break;

@@ -1,30 +1,27 @@
-// pycomm as a torch.distributed backend: a c10d::Backend over a pycomm Communicator.
+// pycomm as a torch.distributed backend: a thin c10d adapter over pycomm's own Python
+// path (pycomm/c10d.py), so the backend moves what pycomm.all_reduce & co. move (CPU
+// tensors over shared memory, CUDA tensors over CUDA IPC or NCCL, groups across hosts) with
+// the same checks, algorithms and errors.
 //
-// Operations run in call order on one worker thread per backend, so every call returns a
-// Work at once and DDP overlaps its gradient all-reduces with the backward pass.  Tensors
-// may be non-contiguous (staged through a contiguous copy); float16/bfloat16 are reduced in
-// float32.  Operations it does not implement fall through to c10d::Backend, whose error
-// names the operation and the backend.
+// Each operation takes the GIL, hands its tensors and options to the Python adapter and
+// returns a c10d::Work that completes with the pycomm Work it got back: its future is
+// c10's (DDP's comm hooks chain on it) and wait() needs no GIL.  Errors raised while the
+// call is checked propagate to the caller as the Python exceptions they are; errors of the
+// collective itself arrive through wait() and the future as c10::DistBackendError.
 #pragma once
 
+#include <pybind11/pybind11.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
-#include <condition_variable>
-#include <deque>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <thread>
-
-#include "algorithms/cost.h"
-#include "communicator.h"
+#include <atomic>
+#include <string>
+#include <vector>
 
 namespace pycomm {
 
 class TorchBackend : public c10d::Backend {
  public:
-  TorchBackend(std::shared_ptr<Communicator> comm, double timeoutS, CostModel model,
-               std::string algoSetting, bool debug);
+  TorchBackend(int rank, int size, pybind11::object adapter);
   ~TorchBackend() override;
 
   const std::string getBackendName() const override { return "pycomm"; }
@@ -33,16 +30,29 @@ class TorchBackend : public c10d::Backend {
                                            const c10d::BroadcastOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
                                            const c10d::AllreduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce_sparse(std::vector<at::Tensor>& tensors,
+                                                  const c10d::AllreduceOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> allreduce_coalesced(
       std::vector<at::Tensor>& tensors, const c10d::AllreduceCoalescedOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor>& tensors,
+                                        const c10d::ReduceOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
                                            std::vector<at::Tensor>& inputs,
                                            const c10d::AllgatherOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& output, at::Tensor& input,
                                                  const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputs,
+                                                     std::vector<at::Tensor>& inputs,
+                                                     const c10d::AllgatherOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> allgather_into_tensor_coalesced(
       std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
       const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> gather(std::vector<std::vector<at::Tensor>>& outputs,
+                                        std::vector<at::Tensor>& inputs,
+                                        const c10d::GatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> scatter(std::vector<at::Tensor>& outputs,
+                                         std::vector<std::vector<at::Tensor>>& inputs,
+                                         const c10d::ScatterOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> reduce_scatter(std::vector<at::Tensor>& outputs,
                                                 std::vector<std::vector<at::Tensor>>& inputs,
                                                 const c10d::ReduceScatterOptions& opts) override;
@@ -51,36 +61,33 @@ class TorchBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> reduce_scatter_tensor_coalesced(
       std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
       const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
+                                               std::vector<int64_t>& outputSplitSizes,
+                                               std::vector<int64_t>& inputSplitSizes,
+                                               const c10d::AllToAllOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> alltoall(std::vector<at::Tensor>& outputs,
+                                          std::vector<at::Tensor>& inputs,
+                                          const c10d::AllToAllOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
+  void monitoredBarrier(const c10d::BarrierOptions& opts, bool waitAllRanks) override;
   c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& tensors, int dstRank, int tag) override;
   c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int srcRank, int tag) override;
+  c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>& tensors, int tag) override;
+
+  // TORCH_DISTRIBUTED_DEBUG=DETAIL and torch's desync checks read these.
+  void setSequenceNumberForGroup() override {}
+  uint64_t getSequenceNumberForGroup() override { return seq_.load(); }
+
+  void abort() override;
+  void shutdown() override;
 
  private:
-  // Queues `fn` for the worker thread; the Work completes (or fails) with it and its
-  // future carries `outputs`.
-  c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, const char* name,
-                                         std::vector<at::Tensor> outputs, std::function<void()> fn);
-  void loop();
-  // Posts a message and returns its Work; the worker progresses it while idle and every
-  // collective carries it along, so isend/irecv never block each other.
-  c10::intrusive_ptr<c10d::Work> postMessage(c10d::OpType type, const char* name, bool isSend, int peer,
-                                             at::Tensor user, at::Tensor buf);
-  void progressMessages();  // worker thread, mu_ not held
-  Algo pick(Coll coll, size_t bytes) const;
-  void allReduceTensor(at::Tensor& t, const c10d::ReduceOp& op);
+  // adapter.<method>(*args): the returned pycomm Work becomes a c10d::Work of `type`.
+  template <typename... Args>
+  c10::intrusive_ptr<c10d::Work> call(c10d::OpType type, const char* method, Args&&... args);
 
-  std::shared_ptr<Communicator> comm_;
-  double timeout_;
-  CostModel model_;
-  std::string algoSetting_;
-  bool debug_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::function<void()>> queue_;
-  struct Message;
-  std::vector<std::shared_ptr<Message>> messages_;  // posted, not yet complete (under mu_)
-  bool stop_ = false;
-  std::thread worker_;
+  pybind11::object adapter_;
+  std::atomic<uint64_t> seq_{0};
 };
 
 }  // namespace pycomm
