@@ -86,7 +86,7 @@ def job_async():
     out = torch.empty(p * 3)
     w = pycomm.all_gather(out, torch.full((3,), float(r)), async_op=True)
     w.wait(timeout=30)
-    return ok, done, sums, fut.wait()[0].item(), out.tolist()
+    return ok, done, sums, fut.wait()[0][0].item(), out.tolist()
 
 
 def test_async_handles_complete_in_order(run):
@@ -199,8 +199,8 @@ def test_torchrun():
     # PYCOMM_DEBUG logs each collective's algorithm and transport, from the Python API and
     # from the backend, and PYCOMM_ALGO chose the tree for all-reduce in both.
     log = proc.stdout + proc.stderr
-    assert "pycomm: all_reduce of 4004 B on group 0 (rank 0/2): tree over shm" in log, log[-3000:]
-    assert "pycomm: all_reduce of 4004 B on rank 1/2: tree over shm" in log, log[-3000:]
+    line = "pycomm: all_reduce of 4004 B on group 0 (rank 1/2): tree over shm"
+    assert log.count(line) == 2, log[-3000:]  # the backend runs the same path as the API
 
 
 # ------------------------------------------------------------------------ the trees
