@@ -3,18 +3,75 @@
     pycomm bench [options]     the collectives benchmark (same as python -m bench)
     pycomm tune [--nprocs N] [--output PATH]
                                measure alpha, beta, gamma on this machine and save them
-    pycomm model               print the cost model in use and where the tree wins
+    pycomm model               print the cost model in use, its formulas and where the tree wins
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import platform
 import sys
+import time
+from pathlib import Path
+
+import torch
+
+import pycomm
+import pycomm.launch
+from pycomm import tuning
+from pycomm._settings import Settings
+
+
+def measure_rank(sizes: list[int], iters_budget: float) -> list[dict] | None:
+    """On every rank: time ring all_gather and ring all_reduce over `sizes` (bytes)."""
+    p = pycomm.get_world_size()
+    rows = []
+    for nbytes in sizes:
+        count = max(nbytes // 4, p)
+        count -= count % p
+        for coll in ("all_gather", "all_reduce"):
+            buf = torch.ones(count)
+            block = torch.ones(count // p)
+            fn = ((lambda: pycomm.all_reduce(buf, algorithm="ring")) if coll == "all_reduce"
+                  else (lambda: pycomm.all_gather(buf, block, algorithm="ring")))
+            for _ in range(3):
+                fn()
+            iters = max(3, min(500, int(iters_budget / max(count * 4 * 2e-10, 2e-5))))
+            pycomm.barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            t = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64)
+            pycomm.all_reduce(t, op="max")
+            rows.append(dict(collective=coll, bytes=count * 4, seconds=t.item()))
+    return rows if pycomm.get_rank() == 0 else None
+
+
+def tune(nprocs: int = 2, path: os.PathLike | str | None = None,
+         max_bytes: int = 16 << 20) -> tuple[tuning.CostModel, Path]:
+    """Measures this machine on `nprocs` local processes, fits the model and saves it."""
+    sizes, s = [], 8
+    while s <= max_bytes:
+        sizes.append(s)
+        s *= 4
+    rows = pycomm.launch.run(measure_rank, nprocs, args=(sizes, 0.05), collective_timeout=120)[0]
+    out = Path(path) if path else tuning.default_path(Settings.from_env().tune_file)
+    model = tuning.fit(rows, nprocs, source=str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "model": {"alpha": model.alpha, "beta": model.beta, "gamma": model.gamma},
+        "nprocs": nprocs, "host": platform.node(), "cpus": os.cpu_count(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "measurements": rows,
+    }, indent=1))
+    return model, out
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from bench import collectives
+        from bench import collectives  # noqa: PLC0415 - the benchmark is a separate package
 
         return collectives.main(argv[1:])
     parser = argparse.ArgumentParser(prog="pycomm", description=__doc__.split("\n\n")[0])
@@ -27,15 +84,13 @@ def main(argv=None) -> int:
     sub.add_parser("model", help="print the cost model in use")
     args = parser.parse_args(argv)
 
-    from pycomm import tuning
-
     if args.command == "tune":
         print(f"measuring ring all_gather and all_reduce on {args.nprocs} processes...", flush=True)
-        model, path = tuning.tune(args.nprocs, args.output)
+        model, path = tune(args.nprocs, args.output)
         print(model.table())
         print(f"saved to {path} (used by every later run; PYCOMM_TUNE_FILE picks another file)")
         return 0
-    print(tuning.load().table())
+    print(tuning.load(Settings.from_env().tune_file).table())
     return 0
 
 

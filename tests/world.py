@@ -179,6 +179,22 @@ class Pool:
         return results
 
 
+_restarts = 0
+
+
+def restart(timeout: float = 30.0):
+    """In a worker: a new pycomm process group over the same ranks, so that it reads the
+    environment as it is now (groups read PYCOMM_* settings when they are built)."""
+    global _restarts
+    import pycomm
+
+    _restarts += 1
+    pycomm.destroy_process_group()
+    return pycomm.init_process_group(_rank, _size,
+                                     init_method=f"file://{_store_dir}/restart-{_epoch}-{_restarts}",
+                                     timeout=datetime.timedelta(seconds=timeout))
+
+
 @contextlib.contextmanager
 def scoped_env(**values):
     """In a worker: os.environ with `values` set, restored afterwards (workers are reused

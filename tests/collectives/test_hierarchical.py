@@ -1,4 +1,4 @@
-"""Groups across hosts (pycomm/_hierarchy.py), on one machine: each rank gets a host identity
+"""Groups across hosts (pycomm/backends/hierarchy.py), on one machine: each rank gets a host identity
 from PYCOMM_HOST_ID, so start-up sees several hosts and builds hierarchical groups.
 
 Each job re-initialises pycomm for its layout and runs with fresh=True, so the pool's next
@@ -16,6 +16,8 @@ import torch
 
 import pycomm
 import world
+from pycomm.backends import hierarchy
+from pycomm.backends.shm import ShmBackend
 from verifiable import expected, rank_input
 
 LAYOUTS = {
@@ -47,12 +49,10 @@ def _run(run, layout_name, fn, *args, **kw):
 
 
 class _GlooCounter:
-    """Counts the gloo groups pycomm builds (patched over pycomm._hierarchy._gloo)."""
+    """Counts the gloo groups pycomm builds (patched over pycomm.backends.hierarchy._gloo)."""
 
     def __init__(self):
-        from pycomm import _hierarchy
-
-        self.made, self._real = 0, _hierarchy._gloo
+        self.made, self._real = 0, hierarchy._gloo
 
     def __call__(self, *args):
         self.made += 1
@@ -65,7 +65,7 @@ class _GlooCounter:
 def job_exact(layout):
     g = _as_hosts(layout)
     r, p = pycomm.get_rank(), pycomm.get_world_size()
-    assert g._hier is not None and g._comm is None
+    assert isinstance(g.backends["cpu"], hierarchy.HierarchyBackend)
     bad = []
     for dtype in DTYPES:
         for op in OPS:
@@ -84,7 +84,7 @@ def job_exact(layout):
         pycomm.all_reduce(t, algorithm=algorithm)
         if not torch.equal(t, expected(p, 1001, torch.float32, "sum")):
             bad.append(("float32", "sum", 1001, algorithm))
-    return bad, g._hier.per_host
+    return bad, g.backends["cpu"].per_host
 
 
 @pytest.mark.parametrize("layout, per_host", [("2x2", 2), ("2x2-interleaved", 2), ("3x1", 1), ("2+1", None)])
@@ -136,7 +136,7 @@ def job_async(layout):
     for w in works:
         assert w.wait() and w.is_completed() and w.is_success()
     fut = pycomm.all_reduce(torch.ones(3), async_op=True).get_future()
-    return [t[0].item() for t in ts], last[0].item(), fut.wait().tolist()
+    return [t[0].item() for t in ts], last[0].item(), fut.wait()[0].tolist()
 
 
 @pytest.mark.parametrize("layout", ["2x2", "3x1"])
@@ -152,12 +152,10 @@ def test_async_all_reduce(run, layout):
 
 
 def job_new_group(layout):
-    from pycomm import _hierarchy
-
     _as_hosts(layout)
     r = pycomm.get_rank()
     counter = _GlooCounter()
-    _hierarchy._gloo = counter
+    hierarchy._gloo = counter
     try:
         made = {}
         groups = {}
@@ -167,14 +165,15 @@ def job_new_group(layout):
             groups[name] = pycomm.new_group(ranks)
             made[name] = counter.made - before
     finally:
-        _hierarchy._gloo = counter._real
+        hierarchy._gloo = counter._real
     out = {}
     for name, g in groups.items():
         if g.rank < 0:
             continue
         t = torch.full((1001,), float(r + 1))
         pycomm.all_reduce(t, group=g)
-        out[name] = (t[0].item(), t[-1].item(), g._hier is None, g._comm is not None, made[name])
+        shm = isinstance(g.backends["cpu"], ShmBackend)
+        out[name] = (t[0].item(), t[-1].item(), shm, shm, made[name])
     return out
 
 
@@ -286,20 +285,15 @@ def test_other_collectives_across_hosts_are_exact(run, layout):
 
 
 def job_debug_log(layout, algorithm):
-    from pycomm import _hierarchy, collectives
-
-    g = _as_hosts(layout)
-    sub = pycomm.new_group([0, 1])
+    with world.scoped_env(PYCOMM_DEBUG="INFO"):  # read when the groups are built
+        g = _as_hosts(layout)
+        sub = pycomm.new_group([0, 1])
     buf = io.StringIO()
-    _hierarchy._DEBUG = collectives._DEBUG = True
-    try:
-        with contextlib.redirect_stdout(buf):
-            pycomm.all_reduce(torch.ones(1000), algorithm=algorithm)
-            if sub.rank >= 0:
-                pycomm.all_reduce(torch.ones(10), group=sub)
-            pycomm.all_gather(torch.empty(4 * g.size), torch.ones(4))
-    finally:
-        _hierarchy._DEBUG = collectives._DEBUG = False
+    with contextlib.redirect_stdout(buf):
+        pycomm.all_reduce(torch.ones(1000), algorithm=algorithm)
+        if sub.rank >= 0:
+            pycomm.all_reduce(torch.ones(10), group=sub)
+        pycomm.all_gather(torch.empty(4 * g.size), torch.ones(4))
     return buf.getvalue()
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import pycomm
-from pycomm import _cuda
+import world
+from pycomm import _codes, _cuda
 from verifiable import expected, rank_input
 from world import scoped_env
 
@@ -30,6 +31,7 @@ def _ops(dtype):
 def _with_env(job):
     def wrapped(env, *args):
         with scoped_env(**env):
+            world.restart()  # a group reads PYCOMM_* settings when it is built
             return job(*args)
     # pickled by name: the public name must resolve to this wrapper, not to `job`
     wrapped.__name__ = wrapped.__qualname__ = job.__name__.lstrip("_")
@@ -74,6 +76,28 @@ def _job_other_collectives(counts, algorithm="auto"):
             pycomm.broadcast(b, src=p - 1)
             if not torch.equal(b.cpu(), rank_input(p - 1, n, dtype, "sum")):
                 bad.append(("broadcast", str(dtype), n))
+            root = n % p
+            red = rank_input(r, n, dtype, "sum").cuda()
+            pycomm.reduce(red, dst=root, algorithm=algorithm)
+            if r == root and not torch.equal(red.cpu(), expected(p, n, dtype, "sum")):
+                bad.append(("reduce", str(dtype), n))
+            everyone = torch.cat([rank_input(q, n, dtype, "sum") for q in range(p)])
+            gat = torch.empty(p * n, dtype=dtype, device="cuda") if r == root else None
+            pycomm.gather(gat, rank_input(r, n, dtype, "sum").cuda(), dst=root)
+            if r == root and not torch.equal(gat.cpu(), everyone):
+                bad.append(("gather", str(dtype), n))
+            sc = torch.empty(n, dtype=dtype, device="cuda")
+            pycomm.scatter(sc, everyone.cuda() if r == root else None, src=root)
+            if not torch.equal(sc.cpu(), rank_input(r, n, dtype, "sum")):
+                bad.append(("scatter", str(dtype), n))
+            sends = [(r + k + n) % 3 for k in range(p)]  # uneven, some empty
+            recvs = [(j + r + n) % 3 for j in range(p)]
+            a_in = torch.cat([rank_input(r * p + k, sends[k], dtype, "sum") for k in range(p)])
+            a_out = torch.empty(sum(recvs), dtype=dtype, device="cuda")
+            pycomm.all_to_all(a_out, a_in.cuda(), recvs, sends)
+            want = torch.cat([rank_input(j * p + r, recvs[j], dtype, "sum") for j in range(p)])
+            if not torch.equal(a_out.cpu(), want):
+                bad.append(("all_to_all", str(dtype), n))
     return bad
 
 
@@ -101,7 +125,7 @@ def job_kernel_reduce():
                 b = rank_input(5, n, dtype, op_name).cuda()
                 out = torch.empty_like(a)
                 _cuda.reduce(out.data_ptr(), a.data_ptr(), b.data_ptr(), n,
-                             pycomm._types.DTYPE_CODES[dtype], code, stream)
+                             _codes.DTYPES[dtype], code, stream)
                 acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
                 x, y = a.to(acc), b.to(acc)
                 want = {"sum": x + y, "prod": x * y, "min": torch.minimum(x, y),
@@ -187,3 +211,39 @@ def test_nccl_plans_all_reduce_exact(run, algorithm):
 def test_nccl_plans_other_collectives(run, algorithm):
     assert run(2, job_other_collectives, _nccl_env(), [0, 1, 5, 40_000], algorithm,
                fresh=True) == [[], []]
+
+
+def _job_ddp_over_backend(backend):
+    """DDP on CUDA tensors with init_process_group(backend): the trained weights."""
+    import torch.distributed as dist
+
+    torch.cuda.set_device(0)
+    r = pycomm.get_rank()
+    dist.init_process_group(backend, init_method=f"file://{world._store_dir}/ddp-{backend}-{world._epoch}",
+                            rank=r, world_size=pycomm.get_world_size())
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0], bucket_cap_mb=0.001)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(100 + r)
+        for _ in range(5):
+            x = torch.randn(16, 32, generator=gen).cuda()
+            opt.zero_grad()
+            ddp(x).square().mean().backward()
+            opt.step()
+        return [p.detach().cpu() for p in model.parameters()]
+    finally:
+        dist.destroy_process_group()
+
+
+job_ddp_over_backend = _with_env(_job_ddp_over_backend)
+
+
+def test_ddp_on_cuda_over_pycomm_trains_like_nccl(run):
+    ours = run(2, job_ddp_over_backend, IPC, "pycomm", fresh=True)
+    theirs = run(2, job_ddp_over_backend, _nccl_env(), "nccl", fresh=True)
+    for a, b in zip(ours[0], theirs[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[0], ours[1]):
+        assert torch.equal(a, b)  # every rank ends with the same weights

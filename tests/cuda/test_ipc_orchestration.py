@@ -1,7 +1,7 @@
-"""The CUDA IPC collectives' phases (pycomm/_gpu.py), run on CPU processes.
+"""The CUDA IPC collectives' phases (pycomm/backends/cuda.py), run on CPU processes.
 
 The IPC transport is three parts: mapped buffers and a reduction kernel (csrc/cuda/ipc.cu,
-which needs a GPU), and the orchestration in pycomm._gpu that stages inputs, places slices,
+which needs a GPU), and the orchestration in pycomm.backends.cuda that stages inputs, places slices,
 splits messages into chunks and separates the phases with host barriers.  Here the first
 part is replaced by shared memory between the rank processes with the same interface
 (put/get/reduce on raw addresses, the reduction in rank order with float32 accumulation for
@@ -20,7 +20,8 @@ import torch
 
 import pycomm
 import world
-from pycomm import _gpu, _types
+from pycomm import _codes
+from pycomm.backends import cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8]
 
@@ -59,14 +60,14 @@ class SharedBuffers:
         ctypes.memmove(dst, self._addr(self._peers[peer]) + offset, nbytes)
 
     def reduce(self, out, offset, count, dtype_code, op_code, stream):
-        dtype = next(d for d, c in _types.DTYPE_CODES.items() if c == dtype_code)
-        acc_type = torch.float32 if dtype in _types.HALF_TYPES else dtype
+        dtype = next(d for d, c in _codes.DTYPES.items() if c == dtype_code)
+        acc_type = torch.float32 if dtype in _codes.HALF else dtype
         acc = None
         for shm in self._peers:  # rank order, as the kernel
             v = self._view(self._addr(shm) + offset, count, dtype).to(acc_type)
             if acc is None:
                 acc = v.clone()
-            elif op_code == 0:
+            elif op_code in (0, 5):  # sum, avg
                 acc += v
             elif op_code == 1:
                 acc *= v
@@ -87,17 +88,18 @@ def _input(rank, count, dtype, salt=0):
 
 
 def job_ipc_collectives(capacity, oneshot_bytes, counts):
-    g = pycomm.distributed._require().world
+    g = pycomm.distributed.group_or_world(None)
     r, p = g.rank, g.size
-    st = types.SimpleNamespace(stream=types.SimpleNamespace(synchronize=lambda: None))
+    ph = cuda.Phases(r, p, g.backends["cpu"]._barrier, lambda: None)
     buf = SharedBuffers(g, capacity, f"{capacity}-{oneshot_bytes}")
+    SUM, MAX = _codes.OPS["sum"].code, _codes.OPS["max"].code
     bad, bits = [], []
     try:
         for dtype in DTYPES:
             for n in counts:
                 t = _input(r, n, dtype)
                 oneshot = n * t.element_size() <= oneshot_bytes
-                _gpu._ipc_all_reduce(g, st, buf, t, _types.OPS["sum"], 0, oneshot)
+                cuda.ipc_all_reduce(ph, buf, t, SUM, 0, oneshot)
                 want = sum(_input(q, n, dtype).double() for q in range(p))
                 if not torch.equal(t, (want if n else torch.zeros(0)).to(dtype)):
                     bad.append(("all_reduce", str(dtype), n))
@@ -105,25 +107,53 @@ def job_ipc_collectives(capacity, oneshot_bytes, counts):
 
                 inp = torch.cat([_input(r, n, dtype, salt=b) for b in range(p)])
                 out = torch.empty(n, dtype=dtype)
-                _gpu._ipc_reduce_scatter(g, st, buf, out, inp, _types.OPS["max"], 0)
+                cuda.ipc_reduce_scatter(ph, buf, out, inp, MAX, 0)
                 want = torch.stack([torch.cat([_input(q, n, dtype, salt=b) for b in range(p)])
                                     for q in range(p)]).max(0).values[r * n:(r + 1) * n]
                 if not torch.equal(out, want):
                     bad.append(("reduce_scatter", str(dtype), n))
                 # in place: the output is the input's own chunk
-                _gpu._ipc_reduce_scatter(g, st, buf, inp[r * n:(r + 1) * n], inp, _types.OPS["max"], 0)
+                cuda.ipc_reduce_scatter(ph, buf, inp[r * n:(r + 1) * n], inp, MAX, 0)
                 if not torch.equal(inp[r * n:(r + 1) * n], want):
                     bad.append(("reduce_scatter in place", str(dtype), n))
 
                 gathered = torch.empty(p * n, dtype=dtype)
-                _gpu._ipc_all_gather(g, st, buf, gathered, _input(r, n, dtype), 0)
-                if not torch.equal(gathered, torch.cat([_input(q, n, dtype) for q in range(p)])):
+                cuda.ipc_all_gather(ph, buf, gathered, _input(r, n, dtype), 0)
+                everyone = torch.cat([_input(q, n, dtype) for q in range(p)])
+                if not torch.equal(gathered, everyone):
                     bad.append(("all_gather", str(dtype), n))
 
                 b = _input(r, n, dtype)
-                _gpu._ipc_broadcast(g, st, buf, b, p - 1, 0)
+                cuda.ipc_broadcast(ph, buf, b, p - 1, 0)
                 if not torch.equal(b, _input(p - 1, n, dtype)):
                     bad.append(("broadcast", str(dtype), n))
+
+                root = n % p
+                red = torch.zeros(n, dtype=dtype)
+                cuda.ipc_reduce(ph, buf, red, _input(r, n, dtype), root, SUM, 0)
+                if r == root and not torch.equal(red, sum(_input(q, n, dtype).double()
+                                                          for q in range(p)).to(dtype)):
+                    bad.append(("reduce", str(dtype), n))
+
+                gat = torch.zeros(p * n, dtype=dtype) if r == root else None
+                cuda.ipc_gather(ph, buf, gat, _input(r, n, dtype), root, 0)
+                if r == root and not torch.equal(gat, everyone):
+                    bad.append(("gather", str(dtype), n))
+
+                sc = torch.zeros(n, dtype=dtype)
+                cuda.ipc_scatter(ph, buf, sc, everyone if r == root else None, root, 0)
+                if not torch.equal(sc, _input(r, n, dtype)):
+                    bad.append(("scatter", str(dtype), n))
+
+                # uneven all_to_all: rank j sends (j + k + n) % 3 elements to rank k
+                es = torch.tensor([], dtype=dtype).element_size()
+                sends = [[(j + k + n) % 3 for k in range(p)] for j in range(p)]
+                a_in = torch.cat([_input(r * p + k, sends[r][k], dtype) for k in range(p)])
+                a_out = torch.zeros(sum(sends[j][r] for j in range(p)), dtype=dtype)
+                cuda.ipc_all_to_all(ph, buf, a_out, a_in, [[c * es for c in row] for row in sends], 0)
+                want = torch.cat([_input(j * p + r, sends[j][r], dtype) for j in range(p)])
+                if not torch.equal(a_out, want):
+                    bad.append(("all_to_all", str(dtype), n))
     finally:
         buf.close()
     return bad, bits
@@ -142,11 +172,12 @@ def test_ipc_phases_compute_exact_results(run, size, oneshot):
 def job_diagnose(absent):
     """Every rank but `absent` has its NCCL watchdog fire on collective #5 (rank 0 on #4):
     the diagnosis must name the absent rank and rank 0, which is stuck earlier."""
-    g = pycomm.distributed._require().world
+    g = pycomm.distributed.group_or_world(None)
     if g.rank == absent:
         return None
-    st = types.SimpleNamespace(prefix=f"pycomm/test-diagnose-{os.getppid()}-{absent}/")
-    return _gpu._diagnose(g, st, 4 if g.rank == 0 else 5)
+    store = pycomm.distributed._require().store
+    return cuda.diagnose(store, f"pycomm/test-diagnose-{os.getppid()}-{absent}/", g.rank, g.ranks,
+                         4 if g.rank == 0 else 5, 4.0)
 
 
 def test_watchdog_names_the_ranks_that_never_reached_the_collective(run):
@@ -155,7 +186,7 @@ def test_watchdog_names_the_ranks_that_never_reached_the_collective(run):
     assert out[0] == [2], out      # from rank 0's side (#4) only the absent rank is missing
 
 
-@pytest.mark.parametrize("env, algorithm, one_host, size, want", [
+@pytest.mark.parametrize("setting, algorithm, one_host, size, want", [
     ("auto", "auto", True, 4, "ipc"),       # one host: CUDA IPC
     ("auto", "ring", True, 4, "nccl"),      # an explicit plan runs over NCCL
     ("auto", "auto", False, 4, "nccl"),     # across hosts
@@ -163,16 +194,13 @@ def test_watchdog_names_the_ranks_that_never_reached_the_collective(run):
     ("nccl", "auto", True, 2, "nccl"),
     ("ipc", "tree", True, 2, "ipc"),
 ])
-def test_cuda_transport_choice(monkeypatch, env, algorithm, one_host, size, want):
-    monkeypatch.setenv("PYCOMM_CUDA_TRANSPORT", env)
-    g = types.SimpleNamespace(_hier=None if one_host else object(), size=size)
-    assert _gpu.transport_for(g, algorithm) == want
+def test_cuda_transport_choice(setting, algorithm, one_host, size, want):
+    assert cuda.choose_transport(setting, one_host, size, algorithm) == want
 
 
 def test_cuda_transport_errors_say_what_to_use(monkeypatch):
-    monkeypatch.setenv("PYCOMM_CUDA_TRANSPORT", "ipc")
     with pytest.raises(ValueError, match="use nccl"):
-        _gpu.transport_for(types.SimpleNamespace(_hier=object(), size=4), "auto")
+        cuda.choose_transport("ipc", False, 4)
     monkeypatch.setenv("PYCOMM_CUDA_TRANSPORT", "shm")
-    with pytest.raises(ValueError, match="'auto', 'ipc' or 'nccl'"):
-        _gpu.transport_for(types.SimpleNamespace(_hier=None, size=2), "auto")
+    with pytest.raises(ValueError, match="auto, ipc, nccl"):
+        pycomm._settings.Settings.from_env()
