@@ -14,8 +14,8 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SOURCES = ["csrc/common.cpp", "csrc/algorithms/ring.cpp", "csrc/algorithms/tree.cpp",
-           "csrc/algorithms/rounds.cpp"]
+SOURCES = ["csrc/common.cpp", "csrc/algorithms/collectives.cpp", "csrc/algorithms/cost.cpp",
+           "csrc/algorithms/ring.cpp", "csrc/algorithms/tree.cpp", "csrc/algorithms/rounds.cpp"]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
