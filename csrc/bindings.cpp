@@ -172,10 +172,10 @@ PYBIND11_MODULE(_C, m) {
           CollArgs a{Coll(coll), Algo(algo), size, reinterpret_cast<char*>(2 * unit),
                      reinterpret_cast<const char*>(1 * unit), reinterpret_cast<char*>(3 * unit),
                      count, esize, root};
-          if (inPlace) {
-            if (Coll(coll) == Coll::ReduceScatter)
+          if (inPlace) {  // NCCL's in-place layouts
+            if (Coll(coll) == Coll::ReduceScatter || Coll(coll) == Coll::Scatter)
               a.out = const_cast<char*>(a.in) + size_t(r) * count * esize;
-            else if (Coll(coll) == Coll::AllGather)
+            else if (Coll(coll) == Coll::AllGather || Coll(coll) == Coll::Gather)
               a.in = a.out + size_t(r) * count * esize;
             else
               a.in = a.out;
@@ -187,6 +187,8 @@ PYBIND11_MODULE(_C, m) {
           return std::make_tuple(int(v / unit), size_t(v % unit));
         };
         std::vector<Rounds> all = scheduleRounds(size, plans, pieceBytes);
+        CollArgs shape{Coll(coll), Algo(algo), size, nullptr, nullptr, nullptr, count, esize, root};
+        const size_t planScratch = collectiveScratch(shape);
         py::list ranks;
         for (int r = 0; r < size; ++r) {
           Plan p;
@@ -207,7 +209,8 @@ PYBIND11_MODULE(_C, m) {
           }
           ranks.append(py::dict(py::arg("copies") = copies, py::arg("copies_after") = after,
                                 py::arg("rounds") = rounds,
-                                py::arg("scratch_bytes") = all[r].scratchBytes));
+                                py::arg("scratch_bytes") = all[r].scratchBytes,
+                                py::arg("plan_scratch_bytes") = planScratch));
         }
         return ranks;
       },
@@ -215,5 +218,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("root"), py::arg("piece_bytes"), py::arg("in_place") = false,
       "every rank's plan cut into bulk-synchronous rounds (algorithms/rounds.h), with "
       "buffers as (id, offset): 1 input, 2 output, 3 scratch; ops are (kind 0 send, 1 "
-      "recv-copy, 2 recv-reduce; peer; lane; src; dst; bytes; scratch offset)");
+      "recv-copy, 2 recv-reduce; peer; lane; src; dst; bytes; scratch offset); "
+      "scratch_bytes: a round's reduction scratch; plan_scratch_bytes: the scratch buffer 3 "
+      "the collective's row asks for");
 }

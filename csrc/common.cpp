@@ -60,6 +60,9 @@ const char* collName(Coll c) {
     case Coll::Broadcast: return "broadcast";
     case Coll::Barrier: return "barrier";
     case Coll::SendRecv: return "send/recv";
+    case Coll::Reduce: return "reduce";
+    case Coll::Gather: return "gather";
+    case Coll::Scatter: return "scatter";
   }
   return "?";
 }
