@@ -92,7 +92,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("dtype"), py::arg("op"), py::arg("root"), py::arg("timeout"),
           py::arg("send_counts") = std::vector<size_t>{}, py::arg("recv_counts") = std::vector<size_t>{},
           "one collective of the table (codes: COLLECTIVES, ALGORITHMS, DTYPES, OPS); buffers "
-          "are data pointers, counts as the table's rows say")
+          "are data pointers, counts as the table's rows say; send_counts/recv_counts: "
+          "all_to_all's elements to and from each rank (empty: count each)")
       .def("barrier",
            [](Communicator& c, double timeout) {
              py::gil_scoped_release nogil;
@@ -120,7 +121,7 @@ PYBIND11_MODULE(_C, m) {
   py::dict dtypes, ops, algos, colls;
   for (int d = 0; d < kNumDTypes; ++d) dtypes[dtypeName(DType(d))] = d;
   for (int o = 0; o < kNumRedOps; ++o) ops[redopName(RedOp(o))] = o;
-  for (Algo a : {Algo::Ring, Algo::Tree, Algo::None}) algos[algoName(a)] = int(a);
+  for (Algo a : {Algo::Ring, Algo::Tree, Algo::None, Algo::Pairwise}) algos[algoName(a)] = int(a);
   py::list table;
   for (const Collective& c : collectives()) {
     colls[c.name] = int(c.coll);
@@ -151,7 +152,7 @@ PYBIND11_MODULE(_C, m) {
       "algo_override",
       [](const std::string& setting, int coll) { return int(algoOverride(setting, Coll(coll))); },
       py::arg("setting"), py::arg("coll"),
-      "PYCOMM_ALGO's choice for a collective: 0 ring, 1 tree, 2 left to the cost model");
+      "PYCOMM_ALGO's choice for a collective: 0 ring, 1 tree, 3 pairwise, 2 left to the cost model");
   m.def(
       "tree",
       [](int rank, int size, int which) {
@@ -177,6 +178,8 @@ PYBIND11_MODULE(_C, m) {
               a.out = const_cast<char*>(a.in) + size_t(r) * count * esize;
             else if (Coll(coll) == Coll::AllGather || Coll(coll) == Coll::Gather)
               a.in = a.out + size_t(r) * count * esize;
+            else if (Coll(coll) == Coll::AllToAll)
+              throw std::invalid_argument("all_to_all has no in-place form");
             else
               a.in = a.out;
           }
@@ -220,5 +223,6 @@ PYBIND11_MODULE(_C, m) {
       "buffers as (id, offset): 1 input, 2 output, 3 scratch; ops are (kind 0 send, 1 "
       "recv-copy, 2 recv-reduce; peer; lane; src; dst; bytes; scratch offset); "
       "scratch_bytes: a round's reduction scratch; plan_scratch_bytes: the scratch buffer 3 "
-      "the collective's row asks for");
+      "the collective's row asks for.  all_to_all "
+      "only with equal counts: rounds replay every rank's plan, which needs every rank's counts");
 }

@@ -63,6 +63,7 @@ const char* collName(Coll c) {
     case Coll::Reduce: return "reduce";
     case Coll::Gather: return "gather";
     case Coll::Scatter: return "scatter";
+    case Coll::AllToAll: return "all_to_all";
   }
   return "?";
 }
@@ -72,6 +73,7 @@ const char* algoName(Algo a) {
     case Algo::Ring: return "ring";
     case Algo::Tree: return "tree";
     case Algo::None: return "direct";
+    case Algo::Pairwise: return "pairwise";
   }
   return "?";
 }

@@ -127,4 +127,13 @@ void binomialGather(Plan& plan, int rank, int size, int root, char* out, const c
 void binomialScatter(Plan& plan, int rank, int size, int root, char* out, const char* in,
                      char* scratch, size_t count, size_t esize);
 
+// pairwise.cpp ------------------------------------------------------------------------
+// all-to-all: this rank sends sendCounts[j] elements to rank j from consecutive blocks of
+// `in` and receives recvCounts[j] elements from rank j into consecutive blocks of `out`
+// (null counts: `count` each).  The own block is a local copy, so sendCounts[rank] must
+// equal recvCounts[rank]; out must not overlap in.  At step s the rank sends to rank+s
+// and receives from rank-s.
+void pairwiseAllToAll(Plan& plan, int rank, int size, char* out, const char* in, size_t count,
+                      size_t esize, const size_t* sendCounts, const size_t* recvCounts);
+
 }  // namespace pycomm

@@ -2,7 +2,7 @@
 // step, beta per byte moved, gamma per byte reduced; n is the row's `bytes`, p the ranks,
 // D the depth of the binary tree, L = ceil(log2 p) the depth of the binomial tree.
 // Bandwidth terms are the busiest rank's.  The algorithm files say where each formula
-// comes from (ring.cpp, tree.cpp).
+// comes from (ring.cpp, tree.cpp, pairwise.cpp).
 //
 // Rooted rows (broadcast, reduce, gather, scatter) take any root.  reduce and gather
 // write `out` on the root only and scatter reads `in` on the root only, so the other
@@ -83,6 +83,9 @@ void scatterChain(Plan& p, int r, const CollArgs& a) {
 void scatterTree(Plan& p, int r, const CollArgs& a) {
   binomialScatter(p, r, a.size, a.root, a.out, a.in, a.scratch, a.count, a.esize);
 }
+void allToAllPairwise(Plan& p, int r, const CollArgs& a) {
+  pairwiseAllToAll(p, r, a.size, a.out, a.in, a.count, a.esize, a.sendCounts, a.recvCounts);
+}
 // The root hears from everyone (a tree all-reduce of one byte) before anyone hears back.
 void barrierTree(Plan& p, int r, const CollArgs& a) {
   treeAllReduce(p, r, a.size, a.out, a.in, 1, 1, kCollectiveLanes);
@@ -146,6 +149,15 @@ std::vector<Collective> makeTable() {
                  [](const CostModel& m, double n, int p) { return (p - 1) * m.alpha + f(p) * n * m.beta; }},
                 {Algo::Tree, scatterTree, [](const CostModel& m, double n, int p) {  // binomial
                    return ceilLog2(p) * m.alpha + f(p) * n * m.beta;
+                 }}}});
+  // Per-peer counts (send_counts/recv_counts) replace `count` in the plan, but count stays
+  // in the call's descriptor, which ranks compare: with counts, pass the same count (0,
+  // say) on every rank.
+  t.push_back({Coll::AllToAll, "all_to_all", "alltoall", false, false,
+               "elements of one block, each way, unless per-rank counts are given",
+               "one rank's input", noScratch,
+               {{Algo::Pairwise, allToAllPairwise, [](const CostModel& m, double n, int p) {
+                   return (p - 1) * m.alpha + f(p) * n * m.beta;
                  }}}});
   t.push_back({Coll::Barrier, "barrier", nullptr, true, false, "1 (one byte)", "nothing",
                noScratch,

@@ -15,7 +15,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCES = ["csrc/common.cpp", "csrc/algorithms/collectives.cpp", "csrc/algorithms/cost.cpp",
-           "csrc/algorithms/ring.cpp", "csrc/algorithms/tree.cpp", "csrc/algorithms/rounds.cpp"]
+           "csrc/algorithms/pairwise.cpp", "csrc/algorithms/ring.cpp", "csrc/algorithms/tree.cpp",
+           "csrc/algorithms/rounds.cpp"]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")

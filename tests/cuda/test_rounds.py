@@ -14,8 +14,8 @@ from pycomm import _C
 
 SEND, RECV_COPY, RECV_REDUCE = 0, 1, 2
 COLLS = {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 2, "broadcast": 3, "reduce": 6,
-         "gather": 7, "scatter": 8}
-ALGOS = {"ring": 0, "tree": 1}
+         "gather": 7, "scatter": 8, "all_to_all": 9}
+ALGOS = {"ring": 0, "tree": 1, "pairwise": 3}
 UNTOUCHED = -7777  # what a rank's output holds where the collective must not write
 
 
@@ -23,9 +23,10 @@ def replay(coll, algo, size, count, piece_bytes, in_place, root=0, dtype=np.int6
     es = np.dtype(dtype).itemsize
     in_place = in_place or coll == "broadcast"  # broadcast has one buffer
     ranks = _C.schedule_rounds(COLLS[coll], ALGOS[algo], size, count, es, root, piece_bytes, in_place)
-    n_in = {"reduce_scatter": size * count, "scatter": size * count}.get(coll, count)
+    n_in = {"reduce_scatter": size * count, "scatter": size * count,
+            "all_to_all": size * count}.get(coll, count)
     n_out = {"reduce_scatter": count, "scatter": count, "all_gather": size * count,
-             "gather": size * count}.get(coll, count)
+             "gather": size * count, "all_to_all": size * count}.get(coll, count)
     rng = np.random.default_rng(count * 131 + size)
     inputs = [rng.integers(-1000, 1000, n_in).astype(dtype) for _ in range(size)]
     bufs = []
@@ -149,9 +150,12 @@ def replay(coll, algo, size, count, piece_bytes, in_place, root=0, dtype=np.int6
             np.testing.assert_array_equal(got[:count], total)
         elif coll == "gather":
             np.testing.assert_array_equal(got[:size * count], np.concatenate(inputs))
-        else:  # scatter
+        elif coll == "scatter":
             off = r * count if in_place else 0
             np.testing.assert_array_equal(got[off:off + count], inputs[root][r * count:(r + 1) * count])
+        else:  # all_to_all: block j of rank r's output is block r of rank j's input
+            want = np.concatenate([inputs[j][r * count:(r + 1) * count] for j in range(size)])
+            np.testing.assert_array_equal(got[:size * count], want)
     return ranks
 
 
@@ -176,6 +180,17 @@ def test_rounds_compute_rooted_collectives(coll, algo, size):
     for root in range(size):
         for count, piece, in_place in cases:
             replay(coll, algo, size, count, piece, in_place, root=root)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_rounds_compute_all_to_all(size):
+    for count, piece in [(0, 64), (1, 8), (3, 8), (37, 16), (37, 1 << 20)]:
+        replay("all_to_all", "pairwise", size, count, piece, False)
+
+
+def test_all_to_all_has_no_in_place_rounds():
+    with pytest.raises(ValueError, match="in-place"):
+        _C.schedule_rounds(COLLS["all_to_all"], ALGOS["pairwise"], 2, 4, 8, 0, 64, True)
 
 
 def test_pieces_pipeline_the_ring():
