@@ -8,7 +8,9 @@
  *
  * Every function returns 0 on success; otherwise pycomm_cuda_error() says what failed
  * (per thread, until the next call).  dtype and op codes are pycomm's (csrc/common.h):
- * dtype 0 u8, 1 i32, 2 i64, 3 f32, 4 f64, 5 f16, 6 bf16; op 0 sum, 1 prod, 2 min, 3 max.
+ * dtype 0 u8, 1 i32, 2 i64, 3 f32, 4 f64, 5 f16, 6 bf16, 7 i8, 8 i16, 9 bool; op 0 sum,
+ * 1 prod, 2 min, 3 max, 5 avg (reduced as a sum; the caller divides), 6 band, 7 bor,
+ * 8 bxor (integers and bool).
  * coll 0 all-reduce, 1 reduce-scatter, 2 all-gather, 3 broadcast, 6 reduce, 7 gather,
  * 8 scatter (9 all-to-all: pycomm_nccl_all_to_all); algo 0 ring, 1 tree.
  */
