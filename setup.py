@@ -34,6 +34,7 @@ CUDA_SOURCES = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + [
     os.path.join("csrc", "common.cpp"),
     os.path.join("csrc", "algorithms", "collectives.cpp"),
     os.path.join("csrc", "algorithms", "cost.cpp"),
+    os.path.join("csrc", "algorithms", "pairwise.cpp"),
     os.path.join("csrc", "algorithms", "ring.cpp"),
     os.path.join("csrc", "algorithms", "tree.cpp"),
     os.path.join("csrc", "algorithms", "rounds.cpp"),

@@ -92,7 +92,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("dtype"), py::arg("op"), py::arg("root"), py::arg("timeout"),
           py::arg("send_counts") = std::vector<size_t>{}, py::arg("recv_counts") = std::vector<size_t>{},
           "one collective of the table (codes: COLLECTIVES, ALGORITHMS, DTYPES, OPS); buffers "
-          "are data pointers, counts as the table's rows say")
+          "are data pointers, counts as the table's rows say; send_counts/recv_counts: "
+          "all_to_all's elements to and from each rank (empty: count each)")
       .def("barrier",
            [](Communicator& c, double timeout) {
              py::gil_scoped_release nogil;
@@ -120,7 +121,7 @@ PYBIND11_MODULE(_C, m) {
   py::dict dtypes, ops, algos, colls;
   for (int d = 0; d < kNumDTypes; ++d) dtypes[dtypeName(DType(d))] = d;
   for (int o = 0; o < kNumRedOps; ++o) ops[redopName(RedOp(o))] = o;
-  for (Algo a : {Algo::Ring, Algo::Tree, Algo::None}) algos[algoName(a)] = int(a);
+  for (Algo a : {Algo::Ring, Algo::Tree, Algo::None, Algo::Pairwise}) algos[algoName(a)] = int(a);
   py::list table;
   for (const Collective& c : collectives()) {
     colls[c.name] = int(c.coll);
@@ -151,7 +152,7 @@ PYBIND11_MODULE(_C, m) {
       "algo_override",
       [](const std::string& setting, int coll) { return int(algoOverride(setting, Coll(coll))); },
       py::arg("setting"), py::arg("coll"),
-      "PYCOMM_ALGO's choice for a collective: 0 ring, 1 tree, 2 left to the cost model");
+      "PYCOMM_ALGO's choice for a collective: 0 ring, 1 tree, 3 pairwise, 2 left to the cost model");
   m.def(
       "tree",
       [](int rank, int size, int which) {
@@ -172,11 +173,13 @@ PYBIND11_MODULE(_C, m) {
           CollArgs a{Coll(coll), Algo(algo), size, reinterpret_cast<char*>(2 * unit),
                      reinterpret_cast<const char*>(1 * unit), reinterpret_cast<char*>(3 * unit),
                      count, esize, root};
-          if (inPlace) {
-            if (Coll(coll) == Coll::ReduceScatter)
+          if (inPlace) {  // NCCL's in-place layouts
+            if (Coll(coll) == Coll::ReduceScatter || Coll(coll) == Coll::Scatter)
               a.out = const_cast<char*>(a.in) + size_t(r) * count * esize;
-            else if (Coll(coll) == Coll::AllGather)
+            else if (Coll(coll) == Coll::AllGather || Coll(coll) == Coll::Gather)
               a.in = a.out + size_t(r) * count * esize;
+            else if (Coll(coll) == Coll::AllToAll)
+              throw std::invalid_argument("all_to_all has no in-place form");
             else
               a.in = a.out;
           }
@@ -187,6 +190,8 @@ PYBIND11_MODULE(_C, m) {
           return std::make_tuple(int(v / unit), size_t(v % unit));
         };
         std::vector<Rounds> all = scheduleRounds(size, plans, pieceBytes);
+        CollArgs shape{Coll(coll), Algo(algo), size, nullptr, nullptr, nullptr, count, esize, root};
+        const size_t planScratch = collectiveScratch(shape);
         py::list ranks;
         for (int r = 0; r < size; ++r) {
           Plan p;
@@ -207,7 +212,8 @@ PYBIND11_MODULE(_C, m) {
           }
           ranks.append(py::dict(py::arg("copies") = copies, py::arg("copies_after") = after,
                                 py::arg("rounds") = rounds,
-                                py::arg("scratch_bytes") = all[r].scratchBytes));
+                                py::arg("scratch_bytes") = all[r].scratchBytes,
+                                py::arg("plan_scratch_bytes") = planScratch));
         }
         return ranks;
       },
@@ -215,5 +221,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("root"), py::arg("piece_bytes"), py::arg("in_place") = false,
       "every rank's plan cut into bulk-synchronous rounds (algorithms/rounds.h), with "
       "buffers as (id, offset): 1 input, 2 output, 3 scratch; ops are (kind 0 send, 1 "
-      "recv-copy, 2 recv-reduce; peer; lane; src; dst; bytes; scratch offset)");
+      "recv-copy, 2 recv-reduce; peer; lane; src; dst; bytes; scratch offset); "
+      "scratch_bytes: a round's reduction scratch; plan_scratch_bytes: the scratch buffer 3 "
+      "the collective's row asks for.  all_to_all "
+      "only with equal counts: rounds replay every rank's plan, which needs every rank's counts");
 }

@@ -60,6 +60,10 @@ const char* collName(Coll c) {
     case Coll::Broadcast: return "broadcast";
     case Coll::Barrier: return "barrier";
     case Coll::SendRecv: return "send/recv";
+    case Coll::Reduce: return "reduce";
+    case Coll::Gather: return "gather";
+    case Coll::Scatter: return "scatter";
+    case Coll::AllToAll: return "all_to_all";
   }
   return "?";
 }
@@ -69,6 +73,7 @@ const char* algoName(Algo a) {
     case Algo::Ring: return "ring";
     case Algo::Tree: return "tree";
     case Algo::None: return "direct";
+    case Algo::Pairwise: return "pairwise";
   }
   return "?";
 }

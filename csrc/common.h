@@ -22,9 +22,12 @@ enum class RedOp : int32_t {
 };
 constexpr int kNumRedOps = 9;
 enum class Coll : int32_t {
-  AllReduce = 0, ReduceScatter = 1, AllGather = 2, Broadcast = 3, Barrier = 4, SendRecv = 5
+  AllReduce = 0, ReduceScatter = 1, AllGather = 2, Broadcast = 3, Barrier = 4, SendRecv = 5,
+  Reduce = 6, Gather = 7, Scatter = 8, AllToAll = 9
 };
-enum class Algo : int32_t { Ring = 0, Tree = 1, None = 2 };
+// None: "left to the cost model" where an algorithm is chosen, and the algorithm of
+// messages that have none (send/recv).  Pairwise is all-to-all's only algorithm.
+enum class Algo : int32_t { Ring = 0, Tree = 1, None = 2, Pairwise = 3 };
 
 size_t dtypeSize(DType t);
 const char* dtypeName(DType t);
@@ -43,7 +46,7 @@ struct OpDesc {
   int32_t dtype = 0;
   int32_t redop = 0;
   int32_t algo = 0;
-  int32_t root = -1;    // broadcast source
+  int32_t root = -1;    // rooted collectives (broadcast, reduce, gather, scatter): the root
   int32_t pad = 0;
 };
 static_assert(sizeof(OpDesc) == 40, "OpDesc is shared between processes");

@@ -117,12 +117,14 @@ void Communicator::collective(CollArgs a, DType dtype, RedOp op, double timeoutS
   if (a.size != size()) throw std::invalid_argument("collective arguments for another group size");
   if (row.reduces && !canReduce(dtype))
     throw std::invalid_argument(std::string("cannot reduce ") + dtypeName(dtype));
-  OpDesc d = next(a.coll, a.count, dtype, row.reduces ? op : RedOp::None, a.algo, row.rooted ? a.root : -1);
-  t_->publish(d);
   a.esize = dtypeSize(dtype);
   a.scratch = scratch(collectiveScratch(a));
+  // The plan first: one whose arguments it refuses (a root out of range, say) must not
+  // take a sequence number, or this rank would be one collective ahead of its peers.
   Plan plan;
   collectivePlan(plan, rank(), a);
+  OpDesc d = next(a.coll, a.count, dtype, row.reduces ? op : RedOp::None, a.algo, row.rooted ? a.root : -1);
+  t_->publish(d);
   run(plan, d, row.reduces ? dtype : DType::U8, row.reduces ? op : RedOp::None, timeoutS);
 }
 

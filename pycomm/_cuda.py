@@ -30,6 +30,7 @@ _SIGNATURES = {
     "pycomm_nccl_abort": [_P],
     "pycomm_nccl_scratch_bytes": [_P, _I, _I, _S, _I, _I, ctypes.POINTER(_S)],
     "pycomm_nccl_run": [_P, _I, _I, _P, _P, _P, _S, _I, _I, _I, _P],
+    "pycomm_nccl_all_to_all": [_P, _P, _P, ctypes.POINTER(_S), ctypes.POINTER(_S), _P],
     "pycomm_nccl_p2p": [_P, _I, ctypes.POINTER(_I), ctypes.POINTER(_P), ctypes.POINTER(_S),
                         ctypes.POINTER(_I), _P],
     "pycomm_ipc_create": [ctypes.POINTER(_P), _I, _S, ctypes.c_char_p],
@@ -130,6 +131,12 @@ class NcclComm:
 
     def run(self, coll, algo, out, inp, scratch, count, dtype, op, root, stream) -> None:
         _call("pycomm_nccl_run", self._h, coll, algo, out, inp, scratch, count, dtype, op, root, stream)
+
+    def all_to_all(self, out: int, inp: int, send_bytes: list[int], recv_bytes: list[int],
+                   stream: int) -> None:
+        """Bytes to and from each rank, in rank order, as one group."""
+        sends, recvs = (_S * len(send_bytes))(*send_bytes), (_S * len(recv_bytes))(*recv_bytes)
+        _call("pycomm_nccl_all_to_all", self._h, out, inp, sends, recvs, stream)
 
     def p2p(self, ops: list[tuple[bool, int, int, int]], stream: int) -> None:
         """ops: (is_send, data_ptr, nbytes, peer), launched as one group."""

@@ -1,6 +1,13 @@
 // The collective table (collectives.h).  Costs use the constants of cost.h: alpha per
 // step, beta per byte moved, gamma per byte reduced; n is the row's `bytes`, p the ranks,
-// D the depth of the binary tree.  The tree's bandwidth terms are its busiest rank's.
+// D the depth of the binary tree, L = ceil(log2 p) the depth of the binomial tree.
+// Bandwidth terms are the busiest rank's.  The algorithm files say where each formula
+// comes from (ring.cpp, tree.cpp, pairwise.cpp).
+//
+// Rooted rows (broadcast, reduce, gather, scatter) take any root.  reduce and gather
+// write `out` on the root only and scatter reads `in` on the root only, so the other
+// ranks may pass any buffer there (torch's and NCCL's semantics).  Every plan handles one
+// rank, count 0, and counts smaller than the number of ranks.
 #include "algorithms/collectives.h"
 
 #include <stdexcept>
@@ -13,10 +20,23 @@ namespace pycomm {
 namespace {
 
 double f(int p) { return double(p - 1) / p; }
+int ceilLog2(int p) {
+  int l = 0;
+  while ((1 << l) < p) ++l;
+  return l;
+}
 
 size_t noScratch(const CollArgs&) { return 0; }
 // Ring partial sums, or the tree's whole reduction (it keeps this rank's chunk).
 size_t wholeInput(const CollArgs& a) { return a.count * size_t(a.size) * a.esize; }
+// reduce: partial sums of a rank that is not the root (and, for the ring, the chunks it
+// forwards to the root, in the partial sums' place).
+size_t oneBuffer(const CollArgs& a) { return a.count * a.esize; }
+// gather and scatter: the blocks a rank that is not the root forwards.
+size_t forwarded(const CollArgs& a) {
+  const int blocks = forwardedBlocks(a.algo == Algo::Ring ? chainNode : binomialNode, a.size);
+  return size_t(blocks) * a.count * a.esize;
+}
 
 void allReduceRing(Plan& p, int r, const CollArgs& a) {
   p.copy(a.out, a.in, a.count * a.esize);
@@ -44,6 +64,27 @@ void broadcastChain(Plan& p, int r, const CollArgs& a) {
 }
 void broadcastTree(Plan& p, int r, const CollArgs& a) {
   treeBroadcast(p, r, a.size, a.root, a.out, a.count * a.esize);
+}
+void reduceRing(Plan& p, int r, const CollArgs& a) {
+  ringReduce(p, r, a.size, a.root, a.out, a.in, a.scratch, a.count, a.esize);
+}
+void reduceTree(Plan& p, int r, const CollArgs& a) {
+  treeReduce(p, r, a.size, a.root, a.out, a.in, a.scratch, a.count, a.esize, kCollectiveLanes);
+}
+void gatherChain(Plan& p, int r, const CollArgs& a) {
+  chainGather(p, r, a.size, a.root, a.out, a.in, a.scratch, a.count, a.esize);
+}
+void gatherTree(Plan& p, int r, const CollArgs& a) {
+  binomialGather(p, r, a.size, a.root, a.out, a.in, a.scratch, a.count, a.esize);
+}
+void scatterChain(Plan& p, int r, const CollArgs& a) {
+  chainScatter(p, r, a.size, a.root, a.out, a.in, a.scratch, a.count, a.esize);
+}
+void scatterTree(Plan& p, int r, const CollArgs& a) {
+  binomialScatter(p, r, a.size, a.root, a.out, a.in, a.scratch, a.count, a.esize);
+}
+void allToAllPairwise(Plan& p, int r, const CollArgs& a) {
+  pairwiseAllToAll(p, r, a.size, a.out, a.in, a.count, a.esize, a.sendCounts, a.recvCounts);
 }
 // The root hears from everyone (a tree all-reduce of one byte) before anyone hears back.
 void barrierTree(Plan& p, int r, const CollArgs& a) {
@@ -84,6 +125,40 @@ std::vector<Collective> makeTable() {
                 {Algo::Tree, broadcastTree, [](const CostModel& m, double n, int p) {
                    return treeDepth(p) * m.alpha + 2 * n * m.beta;
                  }}}});
+  t.push_back({Coll::Reduce, "reduce", "reduce", true, true,
+               "elements of the buffer (the result: on the root only)", "the buffer", oneBuffer,
+               {{Algo::Ring, reduceRing,  // ring reduce-scatter, binomial gather of the chunks
+                 [](const CostModel& m, double n, int p) {
+                   return (p - 1 + ceilLog2(p)) * m.alpha + f(p) * n * (2 * m.beta + m.gamma);
+                 }},
+                {Algo::Tree, reduceTree, [](const CostModel& m, double n, int p) {
+                   return (treeDepth(p) + 1) * m.alpha + n * m.beta + n * m.gamma;
+                 }}}});
+  t.push_back({Coll::Gather, "gather", "gather", false, true,
+               "elements of one rank's input (the root's output holds size blocks, in rank order)",
+               "the root's output", forwarded,
+               {{Algo::Ring, gatherChain,  // a pipelined chain
+                 [](const CostModel& m, double n, int p) { return (p - 1) * m.alpha + f(p) * n * m.beta; }},
+                {Algo::Tree, gatherTree, [](const CostModel& m, double n, int p) {  // binomial
+                   return ceilLog2(p) * m.alpha + f(p) * n * m.beta;
+                 }}}});
+  t.push_back({Coll::Scatter, "scatter", "scatter", false, true,
+               "elements of one rank's output (the root's input holds size blocks, in rank order)",
+               "the root's input", forwarded,
+               {{Algo::Ring, scatterChain,  // a pipelined chain
+                 [](const CostModel& m, double n, int p) { return (p - 1) * m.alpha + f(p) * n * m.beta; }},
+                {Algo::Tree, scatterTree, [](const CostModel& m, double n, int p) {  // binomial
+                   return ceilLog2(p) * m.alpha + f(p) * n * m.beta;
+                 }}}});
+  // Per-peer counts (send_counts/recv_counts) replace `count` in the plan, but count stays
+  // in the call's descriptor, which ranks compare: with counts, pass the same count (0,
+  // say) on every rank.
+  t.push_back({Coll::AllToAll, "all_to_all", "alltoall", false, false,
+               "elements of one block, each way, unless per-rank counts are given",
+               "one rank's input", noScratch,
+               {{Algo::Pairwise, allToAllPairwise, [](const CostModel& m, double n, int p) {
+                   return (p - 1) * m.alpha + f(p) * n * m.beta;
+                 }}}});
   t.push_back({Coll::Barrier, "barrier", nullptr, true, false, "1 (one byte)", "nothing",
                noScratch,
                {{Algo::Tree, barrierTree,
@@ -111,7 +186,11 @@ const AlgoEntry& algorithm(const Collective& c, Algo a) {
 }
 
 void collectivePlan(Plan& plan, int rank, const CollArgs& a) {
-  algorithm(collective(a.coll), a.algo).plan(plan, rank, a);
+  const Collective& row = collective(a.coll);
+  if (row.rooted && (a.root < 0 || a.root >= a.size))
+    throw std::invalid_argument(std::string(row.name) + ": root " + std::to_string(a.root) +
+                                " is not a rank of this group of " + std::to_string(a.size));
+  algorithm(row, a.algo).plan(plan, rank, a);
 }
 
 size_t collectiveScratch(const CollArgs& a) { return collective(a.coll).scratch(a); }

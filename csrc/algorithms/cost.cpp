@@ -46,17 +46,29 @@ std::string lower(std::string s) {
 Algo parseAlgo(const std::string& s, const std::string& setting) {
   if (s == "ring") return Algo::Ring;
   if (s == "tree") return Algo::Tree;
+  if (s == "pairwise") return Algo::Pairwise;
   if (s == "auto" || s.empty()) return Algo::None;
   throw std::invalid_argument("PYCOMM_ALGO=" + setting + ": unknown algorithm '" + s +
-                              "'; use ring, tree or auto, optionally per collective as in "
-                              "'allreduce:tree;allgather:ring'");
+                              "'; use ring, tree, pairwise or auto, optionally per collective "
+                              "as in 'allreduce:tree;allgather:ring'");
+}
+bool has(const Collective& c, Algo a) {
+  for (const AlgoEntry& e : c.algos)
+    if (e.algo == a) return true;
+  return false;
 }
 }  // namespace
 
 Algo algoOverride(const std::string& setting, Coll coll) {
   std::string s = lower(setting);
-  if (s.find(':') == std::string::npos) return parseAlgo(s, setting);
-  const char* want = collective(coll).setting;
+  const Collective& row = collective(coll);
+  if (s.find(':') == std::string::npos) {
+    // One algorithm for every collective applies to those that have it (all_to_all has
+    // neither ring nor tree); the others stay with the cost model.
+    Algo a = parseAlgo(s, setting);
+    return has(row, a) ? a : Algo::None;
+  }
+  const char* want = row.setting;
   std::string names;
   for (const Collective& c : collectives())
     if (c.setting) names += std::string(names.empty() ? "" : ", ") + c.setting;
@@ -69,12 +81,19 @@ Algo algoOverride(const std::string& setting, Coll coll) {
     if (colon == std::string::npos) throw std::invalid_argument("PYCOMM_ALGO=" + setting + ": '" + part +
                                                                 "' lacks 'collective:algorithm'");
     std::string name = part.substr(0, colon);
-    bool known = false;
-    for (const Collective& c : collectives()) known = known || (c.setting && name == c.setting);
-    if (!known)
+    const Collective* named = nullptr;
+    for (const Collective& c : collectives())
+      if (c.setting && name == c.setting) named = &c;
+    if (!named)
       throw std::invalid_argument("PYCOMM_ALGO=" + setting + ": unknown collective '" + name +
                                   "'; use one of " + names);
     Algo a = parseAlgo(part.substr(colon + 1), setting);
+    if (a != Algo::None && !has(*named, a)) {
+      std::string algos;
+      for (const AlgoEntry& e : named->algos) algos += std::string(algos.empty() ? "" : ", ") + algoName(e.algo);
+      throw std::invalid_argument("PYCOMM_ALGO=" + setting + ": " + named->name + " has no " +
+                                  algoName(a) + " algorithm; use " + algos + " or auto");
+    }
     if (want && name == want) found = a;
   }
   return found;

@@ -20,9 +20,10 @@ double predict(const CostModel& m, Coll coll, Algo algo, double bytes, int size)
 Algo choose(const CostModel& m, Coll coll, double bytes, int size);
 
 // PYCOMM_ALGO: "ring", "tree", or per collective like NCCL_ALGO:
-// "allreduce:tree;allgather:ring" (names: the rows' `setting`).
-// Returns Algo::None when the setting leaves `coll` to the cost model; throws
-// std::invalid_argument on a malformed setting.
+// "allreduce:tree;allgather:ring" (names: the rows' `setting`).  A single algorithm applies
+// to the collectives that have it.  Returns Algo::None when the setting leaves `coll` to
+// the cost model; throws std::invalid_argument on a malformed setting or one that names
+// an algorithm its collective lacks.
 Algo algoOverride(const std::string& setting, Coll coll);
 
 }  // namespace pycomm

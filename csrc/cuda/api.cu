@@ -124,6 +124,13 @@ int pycomm_nccl_run(void* comm, int coll, int algo, void* out, const void* in, v
   });
 }
 
+int pycomm_nccl_all_to_all(void* comm, void* out, const void* in, const size_t* send_bytes,
+                           const size_t* recv_bytes, void* stream) {
+  return guarded([&] {
+    static_cast<NcclComm*>(comm)->allToAll(out, in, send_bytes, recv_bytes, asStream(stream));
+  });
+}
+
 int pycomm_nccl_p2p(void* comm, int n, const int* is_send, void* const* bufs, const size_t* bytes,
                     const int* peers, void* stream) {
   return guarded([&] {

@@ -52,7 +52,18 @@ void NcclComm::abort() {
   }
 }
 
+namespace {
+// Rounds replay every rank's plan built from this rank's arguments (rounds.h), which
+// all_to_all's per-rank counts are not.
+void refuseAllToAll(Coll coll) {
+  if (coll == Coll::AllToAll)
+    fail("all_to_all does not run as rounds of pycomm_nccl_run (each rank's plan depends on its "
+         "own counts); call pycomm_nccl_all_to_all");
+}
+}  // namespace
+
 const Rounds& NcclComm::rounds(const CollArgs& a) {
+  refuseAllToAll(a.coll);
   Key key{int(a.coll), int(a.algo), a.count, a.esize, a.root};
   auto it = cache_.find(key);
   if (it != cache_.end()) return *it->second;
@@ -65,6 +76,7 @@ const Rounds& NcclComm::rounds(const CollArgs& a) {
 
 size_t NcclComm::scratchBytes(Coll coll, Algo algo, size_t count, DType dtype, int root) {
   std::lock_guard<std::mutex> lock(mu_);
+  refuseAllToAll(coll);
   CollArgs a{coll, algo, size_, nullptr, nullptr, nullptr, count, dtypeSize(dtype), root};
   return align256(collectiveScratch(a)) + rounds(a).scratchBytes;
 }
@@ -72,6 +84,7 @@ size_t NcclComm::scratchBytes(Coll coll, Algo algo, size_t count, DType dtype, i
 void NcclComm::run(Coll coll, Algo algo, void* out, const void* in, void* scratch, size_t count,
                    DType dtype, RedOp op, int root, cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(mu_);
+  refuseAllToAll(coll);
   if (!comm_) fail("this NCCL communicator was aborted; create a new process group");
   useDevice(device_);
   const size_t es = dtypeSize(dtype);
@@ -118,6 +131,31 @@ void NcclComm::p2p(int n, const int* isSend, void* const* bufs, const size_t* by
       check(ncclSend(bufs[i], bytes[i], ncclUint8, peers[i], comm_, stream), "ncclSend", comm_);
     else
       check(ncclRecv(bufs[i], bytes[i], ncclUint8, peers[i], comm_, stream), "ncclRecv", comm_);
+  }
+  check(ncclGroupEnd(), "ncclGroupEnd", comm_);
+}
+
+void NcclComm::allToAll(void* out, const void* in, const size_t* sendBytes,
+                        const size_t* recvBytes, cudaStream_t stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!comm_) fail("this NCCL communicator was aborted; create a new process group");
+  useDevice(device_);
+  // The pairwise plan with one-byte elements: counts are bytes.  It skips empty blocks on
+  // both sides and makes the own block a local copy.
+  CollArgs a{Coll::AllToAll, Algo::Pairwise, size_, static_cast<char*>(out),
+             static_cast<const char*>(in), nullptr, 0, 1, -1, sendBytes, recvBytes};
+  Plan plan;
+  collectivePlan(plan, rank_, a);
+  for (const LocalCopy& c : plan.copies())
+    PYCOMM_CUDA_CHECK(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream));
+  // One group: NCCL progresses all of a group's messages together, so the order of peers
+  // cannot deadlock (it follows the plan: rank+s, rank-s at step s).
+  check(ncclGroupStart(), "ncclGroupStart", comm_);
+  for (const Task& t : plan.tasks()) {
+    if (t.kind == Task::Send)
+      check(ncclSend(t.src, t.bytes, ncclUint8, t.peer, comm_, stream), "ncclSend", comm_);
+    else
+      check(ncclRecv(t.dst, t.bytes, ncclUint8, t.peer, comm_, stream), "ncclRecv", comm_);
   }
   check(ncclGroupEnd(), "ncclGroupEnd", comm_);
 }

@@ -27,6 +27,11 @@ class NcclComm {
            DType dtype, RedOp op, int root, cudaStream_t stream);
   void p2p(int n, const int* isSend, void* const* bufs, const size_t* bytes, const int* peers,
            cudaStream_t stream);
+  // all_to_all with per-peer byte counts (size entries each): the pairwise plan in one
+  // group, as NCCL's own all-to-all.  run() refuses all_to_all: its rounds would replay
+  // every rank's plan from this rank's counts.
+  void allToAll(void* out, const void* in, const size_t* sendBytes, const size_t* recvBytes,
+                cudaStream_t stream);
 
  private:
   using Key = std::tuple<int, int, size_t, size_t, int>;  // coll, algo, count, esize, root

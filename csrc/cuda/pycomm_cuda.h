@@ -8,8 +8,11 @@
  *
  * Every function returns 0 on success; otherwise pycomm_cuda_error() says what failed
  * (per thread, until the next call).  dtype and op codes are pycomm's (csrc/common.h):
- * dtype 0 u8, 1 i32, 2 i64, 3 f32, 4 f64, 5 f16, 6 bf16; op 0 sum, 1 prod, 2 min, 3 max.
- * coll 0 all-reduce, 1 reduce-scatter, 2 all-gather, 3 broadcast; algo 0 ring, 1 tree.
+ * dtype 0 u8, 1 i32, 2 i64, 3 f32, 4 f64, 5 f16, 6 bf16, 7 i8, 8 i16, 9 bool; op 0 sum,
+ * 1 prod, 2 min, 3 max, 5 avg (reduced as a sum; the caller divides), 6 band, 7 bor,
+ * 8 bxor (integers and bool).
+ * coll 0 all-reduce, 1 reduce-scatter, 2 all-gather, 3 broadcast, 6 reduce, 7 gather,
+ * 8 scatter (9 all-to-all: pycomm_nccl_all_to_all); algo 0 ring, 1 tree.
  */
 #ifndef PYCOMM_CUDA_H_
 #define PYCOMM_CUDA_H_
@@ -48,13 +51,23 @@ PYCOMM_API int pycomm_nccl_abort(void* comm);
 /* Bytes of device scratch pycomm_nccl_run needs for this call. */
 PYCOMM_API int pycomm_nccl_scratch_bytes(void* comm, int coll, int algo, size_t count, int dtype,
                                          int root, size_t* bytes);
-/* Enqueues one collective on `stream`.  count: elements per rank (all-reduce, broadcast:
- * of the buffer; reduce-scatter: of the output; all-gather: of the input).  Broadcast
- * uses `out` as its buffer.  Reductions need a dtype NCCL-side in the same precision on
- * every rank; the Python layer upcasts half types to float32 first. */
+/* Enqueues one collective on `stream`.  count: elements per rank (all-reduce, broadcast,
+ * reduce: of the buffer; reduce-scatter, scatter: of the output; all-gather, gather: of
+ * the input), as the collective table's rows say (csrc/algorithms/collectives.cpp).
+ * Broadcast uses `out` as its buffer; reduce and gather write `out` on the root only.
+ * Reductions need a dtype NCCL-side in the same precision on every rank; the Python
+ * layer upcasts half types to float32 first.  all-to-all is refused: see below. */
 PYCOMM_API int pycomm_nccl_run(void* comm, int coll, int algo, void* out, const void* in,
                                void* scratch, size_t count, int dtype, int op, int root,
                                void* stream);
+/* All-to-all: sends send_bytes[j] bytes to rank j from consecutive blocks of `in` and
+ * receives recv_bytes[j] bytes from rank j into consecutive blocks of `out` (size entries
+ * each; zeros allowed; send_bytes[rank] == recv_bytes[rank], copied locally; out must not
+ * overlap in), as one group of sends and receives.  What rank i sends to j must be what
+ * j expects from i. */
+PYCOMM_API int pycomm_nccl_all_to_all(void* comm, void* out, const void* in,
+                                      const size_t* send_bytes, const size_t* recv_bytes,
+                                      void* stream);
 /* Point-to-point messages, in a group so that a batch of them cannot deadlock. */
 PYCOMM_API int pycomm_nccl_p2p(void* comm, int n, const int* is_send, void* const* bufs,
                                const size_t* bytes, const int* peers, void* stream);

@@ -5,11 +5,17 @@
 // instruction per source per 16 bytes) and over single elements otherwise.  The order of
 // the sources is fixed, which is what makes every rank's result bitwise identical when
 // each rank reduces the same sources (CUDA IPC's one-shot all-reduce).
+//
+// The types and ops are those of the CPU kernels (csrc/reduce.cpp): sum, prod, min, max
+// (avg is reduced as a sum; the caller divides) for every type, and band, bor, bxor for
+// the integers and bool.  bool is a byte holding 0 or 1, reduced as torch and gloo do:
+// sum and max are "or", prod and min are "and".
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "cuda/check.h"
 #include "cuda/reduce.cuh"
@@ -38,11 +44,15 @@ template <> __device__ __forceinline__ __nv_bfloat16 down<__nv_bfloat16>(float v
   return __float2bfloat16_rn(v);
 }
 
+// The casts bring back the small integer types, which C++ arithmetic promotes to int.
 template <int OP, typename A> __device__ __forceinline__ A combine(A a, A b) {
-  if constexpr (OP == int(RedOp::Sum)) return a + b;
-  else if constexpr (OP == int(RedOp::Prod)) return a * b;
+  if constexpr (OP == int(RedOp::Sum)) return A(a + b);
+  else if constexpr (OP == int(RedOp::Prod)) return A(a * b);
   else if constexpr (OP == int(RedOp::Min)) return b < a ? b : a;
-  else return a < b ? b : a;
+  else if constexpr (OP == int(RedOp::Max)) return a < b ? b : a;
+  else if constexpr (OP == int(RedOp::Band)) return A(a & b);
+  else if constexpr (OP == int(RedOp::Bor)) return A(a | b);
+  else return A(a ^ b);
 }
 
 // Elements per 16-byte vector.
@@ -84,7 +94,7 @@ __global__ void reduceKernel(T* out, Sources s, size_t count, bool vectorized) {
 }
 
 template <typename T>
-void launch(void* out, const Sources& s, size_t count, RedOp op, cudaStream_t stream) {
+void launch(void* out, const Sources& s, size_t count, DType dtype, RedOp op, cudaStream_t stream) {
   bool aligned = reinterpret_cast<uintptr_t>(out) % 16 == 0;
   for (int r = 0; r < s.n; ++r) aligned = aligned && reinterpret_cast<uintptr_t>(s.p[r]) % 16 == 0;
   const size_t work = aligned ? count / kVec<T> + 1 : count;
@@ -98,9 +108,33 @@ void launch(void* out, const Sources& s, size_t count, RedOp op, cudaStream_t st
     case RedOp::Prod: reduceKernel<T, int(RedOp::Prod)><<<blocks, threads, 0, stream>>>(o, s, count, aligned); break;
     case RedOp::Min: reduceKernel<T, int(RedOp::Min)><<<blocks, threads, 0, stream>>>(o, s, count, aligned); break;
     case RedOp::Max: reduceKernel<T, int(RedOp::Max)><<<blocks, threads, 0, stream>>>(o, s, count, aligned); break;
+    case RedOp::Band:
+    case RedOp::Bor:
+    case RedOp::Bxor:
+      if constexpr (std::is_integral_v<T>) {
+        if (op == RedOp::Band)
+          reduceKernel<T, int(RedOp::Band)><<<blocks, threads, 0, stream>>>(o, s, count, aligned);
+        else if (op == RedOp::Bor)
+          reduceKernel<T, int(RedOp::Bor)><<<blocks, threads, 0, stream>>>(o, s, count, aligned);
+        else
+          reduceKernel<T, int(RedOp::Bxor)><<<blocks, threads, 0, stream>>>(o, s, count, aligned);
+        break;
+      }
+      fail(std::string("no ") + redopName(op) + " reduction for " + dtypeName(dtype) +
+           "; bitwise ops take integers or bool");
     default: fail(std::string("cannot reduce with ") + redopName(op));
   }
   PYCOMM_CUDA_CHECK(cudaGetLastError());
+}
+
+// bool's ops on its bytes (0 or 1): sum and max are "or", prod and min are "and".
+RedOp logical(RedOp op) {
+  switch (op) {
+    case RedOp::Sum:
+    case RedOp::Avg: return RedOp::Max;
+    case RedOp::Prod: return RedOp::Min;
+    default: return op;
+  }
 }
 
 }  // namespace
@@ -115,13 +149,16 @@ void reduce(void* out, const void* const* srcs, int nsrcs, size_t count, DType d
   s.n = nsrcs;
   for (int r = 0; r < nsrcs; ++r) s.p[r] = srcs[r];
   switch (dtype) {
-    case DType::U8: return launch<uint8_t>(out, s, count, op, stream);
-    case DType::I32: return launch<int32_t>(out, s, count, op, stream);
-    case DType::I64: return launch<int64_t>(out, s, count, op, stream);
-    case DType::F32: return launch<float>(out, s, count, op, stream);
-    case DType::F64: return launch<double>(out, s, count, op, stream);
-    case DType::F16: return launch<__half>(out, s, count, op, stream);
-    case DType::BF16: return launch<__nv_bfloat16>(out, s, count, op, stream);
+    case DType::U8: return launch<uint8_t>(out, s, count, dtype, op, stream);
+    case DType::I8: return launch<int8_t>(out, s, count, dtype, op, stream);
+    case DType::I16: return launch<int16_t>(out, s, count, dtype, op, stream);
+    case DType::I32: return launch<int32_t>(out, s, count, dtype, op, stream);
+    case DType::I64: return launch<int64_t>(out, s, count, dtype, op, stream);
+    case DType::F32: return launch<float>(out, s, count, dtype, op, stream);
+    case DType::F64: return launch<double>(out, s, count, dtype, op, stream);
+    case DType::F16: return launch<__half>(out, s, count, dtype, op, stream);
+    case DType::BF16: return launch<__nv_bfloat16>(out, s, count, dtype, op, stream);
+    case DType::Bool: return launch<uint8_t>(out, s, count, dtype, logical(op), stream);
   }
   fail("unknown dtype code " + std::to_string(int(dtype)));
 }

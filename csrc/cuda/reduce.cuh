@@ -1,5 +1,6 @@
 // Reduction kernels: out = op over up to kMaxSources inputs, elementwise, in input
-// order.  float16 and bfloat16 are accumulated in float32 and rounded once.
+// order.  float16 and bfloat16 are accumulated in float32 and rounded once.  Every dtype
+// of csrc/common.h, with the ops csrc/reduce.h gives it (bitwise: integers and bool).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -39,8 +39,8 @@ def test_errors_come_back_as_messages():
         pytest.skip("a GPU is present: this checks the no-driver path")
     with pytest.raises(pycomm.CommError, match="cudaGetDeviceCount"):
         _cuda._call("pycomm_cuda_device_count", _cuda.ctypes.byref(_cuda._I()))
-    with pytest.raises(pycomm.CommError, match="unknown dtype code 9"):
-        _cuda.reduce(0, 0, 0, 1, 9, 0, 0)
+    with pytest.raises(pycomm.CommError, match="unknown dtype code 10"):  # 9 is bool
+        _cuda.reduce(0, 0, 0, 1, 10, 0, 0)
 
 
 def job_device_errors():

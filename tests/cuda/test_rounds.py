@@ -13,35 +13,40 @@ import pytest
 from pycomm import _C
 
 SEND, RECV_COPY, RECV_REDUCE = 0, 1, 2
-COLLS = {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 2, "broadcast": 3}
-ALGOS = {"ring": 0, "tree": 1}
+COLLS = {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 2, "broadcast": 3, "reduce": 6,
+         "gather": 7, "scatter": 8, "all_to_all": 9}
+ALGOS = {"ring": 0, "tree": 1, "pairwise": 3}
+UNTOUCHED = -7777  # what a rank's output holds where the collective must not write
 
 
 def replay(coll, algo, size, count, piece_bytes, in_place, root=0, dtype=np.int64):
     es = np.dtype(dtype).itemsize
     in_place = in_place or coll == "broadcast"  # broadcast has one buffer
     ranks = _C.schedule_rounds(COLLS[coll], ALGOS[algo], size, count, es, root, piece_bytes, in_place)
-    n_in = {"all_reduce": count, "reduce_scatter": size * count, "all_gather": count,
-            "broadcast": count}[coll]
-    n_out = {"all_reduce": count, "reduce_scatter": count, "all_gather": size * count,
-             "broadcast": count}[coll]
+    n_in = {"reduce_scatter": size * count, "scatter": size * count,
+            "all_to_all": size * count}.get(coll, count)
+    n_out = {"reduce_scatter": count, "scatter": count, "all_gather": size * count,
+             "gather": size * count, "all_to_all": size * count}.get(coll, count)
     rng = np.random.default_rng(count * 131 + size)
     inputs = [rng.integers(-1000, 1000, n_in).astype(dtype) for _ in range(size)]
     bufs = []
     for r in range(size):
-        out = np.zeros(max(n_out, n_in if in_place else 0), dtype)
+        out = np.full(max(n_out, n_in if in_place else 0), UNTOUCHED, dtype)
+        # Scratch exactly as large as the collective's row asks (a plan that reaches past
+        # it fails the bounds check in view()).
         b = {1: inputs[r].copy().view(np.uint8), 2: out.view(np.uint8),
-             3: np.zeros(size * count, dtype).view(np.uint8)}
+             3: np.zeros(ranks[r]["plan_scratch_bytes"], np.uint8)}
         if in_place:  # the input is the output buffer (or its own chunk of it)
-            if coll == "reduce_scatter":
+            if coll in ("reduce_scatter", "scatter"):
                 b[2] = b[1]  # out = in + rank * count: offsets already carry the rank
-            elif coll == "all_gather":
+            elif coll in ("all_gather", "gather"):
                 b[2][r * count * es:(r + 1) * count * es] = b[1]
                 b[1] = b[2]
             else:
                 b[2][:] = b[1]
                 b[1] = b[2]
         bufs.append(b)
+    before = [b[2].copy() for b in bufs]  # what a rank with no result must still hold
 
     def view(r, where, nbytes):
         buf, off = where
@@ -127,26 +132,65 @@ def replay(coll, algo, size, count, piece_bytes, in_place, root=0, dtype=np.int6
     total = sum(inputs)
     for r in range(size):
         b = bufs[r]
+        got = b[2].view(dtype)
         if coll == "all_reduce":
-            np.testing.assert_array_equal(b[2].view(dtype)[:count], total)
+            np.testing.assert_array_equal(got[:count], total)
         elif coll == "reduce_scatter":
             got = (b[3] if algo == "tree" else b[2]).view(dtype)
             off = r * count if (algo == "tree" or in_place) else 0
             np.testing.assert_array_equal(got[off:off + count], total[r * count:(r + 1) * count])
         elif coll == "all_gather":
-            np.testing.assert_array_equal(b[2].view(dtype)[:size * count], np.concatenate(inputs))
-        else:
-            np.testing.assert_array_equal(b[2].view(dtype)[:count], inputs[root])
+            np.testing.assert_array_equal(got[:size * count], np.concatenate(inputs))
+        elif coll == "broadcast":
+            np.testing.assert_array_equal(got[:count], inputs[root])
+        elif coll in ("reduce", "gather") and r != root:
+            # Only the root has a result; the others' output is neither written nor used.
+            np.testing.assert_array_equal(b[2], before[r], err_msg=f"{coll} wrote rank {r}'s output")
+        elif coll == "reduce":
+            np.testing.assert_array_equal(got[:count], total)
+        elif coll == "gather":
+            np.testing.assert_array_equal(got[:size * count], np.concatenate(inputs))
+        elif coll == "scatter":
+            off = r * count if in_place else 0
+            np.testing.assert_array_equal(got[off:off + count], inputs[root][r * count:(r + 1) * count])
+        else:  # all_to_all: block j of rank r's output is block r of rank j's input
+            want = np.concatenate([inputs[j][r * count:(r + 1) * count] for j in range(size)])
+            np.testing.assert_array_equal(got[:size * count], want)
     return ranks
 
 
-@pytest.mark.parametrize("coll", list(COLLS))
-@pytest.mark.parametrize("algo", list(ALGOS))
+@pytest.mark.parametrize("coll", ["all_reduce", "reduce_scatter", "all_gather", "broadcast"])
+@pytest.mark.parametrize("algo", ["ring", "tree"])
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 8])
 def test_rounds_compute_the_collective(coll, algo, size):
     for count, piece, in_place in [(0, 64, False), (1, 64, False), (7, 8, False), (37, 16, True),
                                    (37, 1 << 20, False), (100, 64, True)]:
         replay(coll, algo, size, count, piece, in_place, root=size - 1)
+
+
+@pytest.mark.parametrize("coll", ["reduce", "gather", "scatter"])
+@pytest.mark.parametrize("algo", ["ring", "tree"])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_rounds_compute_rooted_collectives(coll, algo, size):
+    # Every root; odd counts, below and above the number of ranks; pieces of one element
+    # (every chunk cut up, and the rounds' matching tested hardest) and larger than any
+    # message; in and out of place.
+    cases = [(0, 64, False), (1, 8, False), (3, 8, True), (size + 2, 8, False), (37, 16, True),
+             (37, 1 << 20, False)]
+    for root in range(size):
+        for count, piece, in_place in cases:
+            replay(coll, algo, size, count, piece, in_place, root=root)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_rounds_compute_all_to_all(size):
+    for count, piece in [(0, 64), (1, 8), (3, 8), (37, 16), (37, 1 << 20)]:
+        replay("all_to_all", "pairwise", size, count, piece, False)
+
+
+def test_all_to_all_has_no_in_place_rounds():
+    with pytest.raises(ValueError, match="in-place"):
+        _C.schedule_rounds(COLLS["all_to_all"], ALGOS["pairwise"], 2, 4, 8, 0, 64, True)
 
 
 def test_pieces_pipeline_the_ring():

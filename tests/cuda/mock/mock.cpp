@@ -2,10 +2,17 @@
 // runs csrc/cuda/nccl.cu's NcclComm with one thread per rank and checks exact results.
 //
 //   mock_nccl  -> prints "checked N cases" and exits 0, or prints the failures and exits 1
+//
+// The CUDA reduction kernels (csrc/cuda/reduce.cu) cannot run here: the mock's reduce is
+// pycomm's CPU one (csrc/reduce.cpp), with the same dtypes and ops.  So the dtype and op
+// cases below check what nccl.cu does with them (element sizes, pieces, scratch, the
+// order of reductions), and the kernels are left to the GPU tests (tests/cuda/).
 #include "nccl.h"
 
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <type_traits>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -17,6 +24,7 @@
 #include "common.h"
 #include "cuda/nccl.cuh"
 #include "cuda/reduce.cuh"
+#include "reduce.h"
 
 // ------------------------------------------------------------------------- mock NCCL
 
@@ -107,22 +115,13 @@ ncclResult_t ncclRecv(void* buf, size_t count, ncclDataType_t, int peer, ncclCom
 // ------------------------------------------------------------------------- CPU reduce
 
 namespace pycomm::cuda {
-template <typename T>
-static void combine(T* out, const void* const* srcs, int n, size_t count, RedOp op) {
-  for (size_t i = 0; i < count; ++i) {
-    T acc = static_cast<const T*>(srcs[0])[i];
-    for (int r = 1; r < n; ++r) {
-      T v = static_cast<const T*>(srcs[r])[i];
-      acc = op == RedOp::Sum ? acc + v : op == RedOp::Prod ? acc * v : op == RedOp::Min ? (v < acc ? v : acc)
-                                                                                        : (acc < v ? v : acc);
-    }
-    out[i] = acc;
-  }
-}
 void reduce(void* out, const void* const* srcs, int n, size_t count, DType dtype, RedOp op, cudaStream_t) {
-  if (dtype == DType::I64) return combine(static_cast<int64_t*>(out), srcs, n, count, op);
-  if (dtype == DType::F64) return combine(static_cast<double*>(out), srcs, n, count, op);
-  throw std::runtime_error("mock reduce: int64 and float64 only");
+  if (n == 1) {
+    std::memmove(out, srcs[0], count * dtypeSize(dtype));
+    return;
+  }
+  reduceInto(out, srcs[0], srcs[1], count, dtype, op);  // in source order, as the kernels
+  for (int r = 2; r < n; ++r) reduceInto(out, out, srcs[r], count, dtype, op);
 }
 }  // namespace pycomm::cuda
 
@@ -130,78 +129,262 @@ void reduce(void* out, const void* const* srcs, int n, size_t count, DType dtype
 
 using namespace pycomm;
 
-static int64_t value(int rank, size_t i) { return int64_t((i * 7 + rank * 3) % 17) - 8; }
+namespace {
+
+int64_t value(int rank, size_t i) { return int64_t((i * 7 + rank * 3) % 17) - 8; }
+
+// Rank `rank`'s element i as a T (bool: 0 or 1, stored in a byte).
+template <typename T>
+T element(DType d, int rank, size_t i) {
+  int64_t v = value(rank, i);
+  return d == DType::Bool ? T(v & 1) : T(v);
+}
+
+// a op b as pycomm defines it (csrc/reduce.h): bool's sum and max are "or", its prod and
+// min "and"; avg is reduced as a sum.  Integers wrap, so any reduction order agrees.
+template <typename T>
+T fold(DType d, RedOp op, T a, T b) {
+  const bool logical = d == DType::Bool;
+  if constexpr (std::is_integral_v<T>) {
+    switch (op) {
+      case RedOp::Band: return T(a & b);
+      case RedOp::Bor: return T(a | b);
+      case RedOp::Bxor: return T(a ^ b);
+      default: break;
+    }
+    if (logical && (op == RedOp::Sum || op == RedOp::Avg)) return T(a | b);
+    if (logical && op == RedOp::Prod) return T(a & b);
+  }
+  switch (op) {
+    case RedOp::Sum:
+    case RedOp::Avg: return T(a + b);
+    case RedOp::Prod: return T(a * b);
+    case RedOp::Min: return b < a ? b : a;
+    case RedOp::Max: return a < b ? b : a;
+    default: throw std::logic_error("fold: no such op");
+  }
+}
+
+struct Case {
+  int size;
+  Coll coll;
+  Algo algo;
+  size_t count;
+  size_t piece;
+  bool inPlace;
+  int root;
+  DType dtype = DType::I64;
+  RedOp op = RedOp::Sum;
+};
+
+std::string show(const Case& c) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "size=%d coll=%s algo=%s count=%zu piece=%zu in_place=%d root=%d %s %s",
+                c.size, collName(c.coll), algoName(c.algo), c.count, c.piece, int(c.inPlace), c.root,
+                dtypeName(c.dtype), redopName(c.op));
+  return buf;
+}
+
+int worldId = 0;
+
+// Runs `body(rank, comm)` on one thread per rank of a new world; returns the ranks' errors.
+std::vector<std::string> onRanks(int size, size_t piece,
+                                 const std::function<void(int, cuda::NcclComm&)>& body) {
+  ncclUniqueId id{};
+  std::snprintf(id.internal, sizeof id.internal, "world-%d", worldId++);
+  std::vector<std::string> errors(size);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < size; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        cuda::NcclComm comm(0, r, size, id, piece);
+        body(r, comm);
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+// One collective through NcclComm::run; returns the number of ranks with a wrong result.
+template <typename T>
+int runCase(const Case& c) {
+  const int size = c.size;
+  const size_t count = c.count;
+  const bool splitIn = c.coll == Coll::ReduceScatter || c.coll == Coll::Scatter;
+  const bool splitOut = c.coll == Coll::AllGather || c.coll == Coll::Gather;
+  const size_t nIn = splitIn ? count * size : count, nOut = splitOut ? count * size : count;
+  const T untouched = T(99);  // where the collective must not write
+  std::vector<std::vector<T>> outs(size);
+  auto errors = onRanks(size, c.piece, [&](int r, cuda::NcclComm& comm) {
+    std::vector<T> in(nIn), out(std::max(nOut, nIn), untouched);
+    for (size_t i = 0; i < nIn; ++i) in[i] = element<T>(c.dtype, r, i);
+    const T* src = in.data();
+    T* dst = out.data();
+    if (c.inPlace || c.coll == Coll::Broadcast) {  // broadcast always works in place
+      if (splitIn) {  // output = input's own chunk
+        out = in;
+        dst = out.data() + r * count;
+        src = out.data();
+      } else if (splitOut) {  // input = output's own chunk
+        std::copy(in.begin(), in.end(), out.begin() + r * count);
+        src = out.data() + r * count;
+      } else {
+        std::copy(in.begin(), in.end(), out.begin());
+        src = out.data();
+      }
+    }
+    std::vector<char> scratch(comm.scratchBytes(c.coll, c.algo, count, c.dtype, c.root) + 1);
+    comm.run(c.coll, c.algo, dst, src, scratch.data(), count, c.dtype, collective(c.coll).reduces ? c.op : RedOp::None,
+             c.root, nullptr);
+    outs[r] = out;  // the whole buffer: what must not change is checked too
+  });
+  int failures = 0;
+  for (int r = 0; r < size; ++r) {
+    // What rank r's buffer must hold: its initial state, with the result laid over it.
+    std::vector<T> want(std::max(nOut, nIn), untouched);
+    size_t at = 0;  // where the result starts
+    if (c.inPlace || c.coll == Coll::Broadcast) {
+      if (splitIn) {
+        for (size_t i = 0; i < nIn; ++i) want[i] = element<T>(c.dtype, r, i);
+        at = r * count;
+      } else if (splitOut) {
+        for (size_t i = 0; i < count; ++i) want[r * count + i] = element<T>(c.dtype, r, i);
+      } else {
+        for (size_t i = 0; i < count; ++i) want[i] = element<T>(c.dtype, r, i);
+      }
+    }
+    const bool hasResult = !(c.coll == Coll::Reduce || c.coll == Coll::Gather) || r == c.root;
+    for (size_t i = 0; hasResult && i < nOut; ++i) {
+      T w{};
+      if (c.coll == Coll::AllReduce || c.coll == Coll::Reduce || c.coll == Coll::ReduceScatter) {
+        const size_t k = c.coll == Coll::ReduceScatter ? r * count + i : i;
+        w = element<T>(c.dtype, 0, k);
+        for (int q = 1; q < size; ++q) w = fold(c.dtype, c.op, w, element<T>(c.dtype, q, k));
+      } else if (splitOut) {
+        w = element<T>(c.dtype, int(i / count), i % count);
+      } else if (c.coll == Coll::Scatter) {
+        w = element<T>(c.dtype, c.root, r * count + i);
+      } else {
+        w = element<T>(c.dtype, c.root, i);
+      }
+      want[at + i] = w;
+    }
+    if (!errors[r].empty() || outs[r] != want) {
+      ++failures;
+      std::printf("FAIL %s rank=%d %s\n", show(c).c_str(), r, errors[r].c_str());
+    }
+  }
+  return failures;
+}
+
+int runAny(const Case& c) {
+  switch (c.dtype) {
+    case DType::I64: return runCase<int64_t>(c);
+    case DType::I32: return runCase<int32_t>(c);
+    case DType::I16: return runCase<int16_t>(c);
+    case DType::I8: return runCase<int8_t>(c);
+    case DType::U8:
+    case DType::Bool: return runCase<uint8_t>(c);
+    case DType::F32: return runCase<float>(c);
+    case DType::F64: return runCase<double>(c);
+    default: throw std::logic_error("no host type for this dtype");
+  }
+}
+
+// all_to_all through NcclComm::allToAll, with counts[i][j] elements from i to j.
+int runAllToAll(int size, const std::vector<std::vector<size_t>>& counts, size_t piece) {
+  std::vector<std::vector<int64_t>> outs(size);
+  auto start = [&](int q, int j) {  // where rank q's block for rank j starts in q's input
+    size_t s = 0;
+    for (int k = 0; k < j; ++k) s += counts[q][k];
+    return s;
+  };
+  auto errors = onRanks(size, piece, [&](int r, cuda::NcclComm& comm) {
+    std::vector<size_t> sendBytes(size), recvBytes(size);
+    size_t nIn = 0, nOut = 0;
+    for (int j = 0; j < size; ++j) {
+      sendBytes[j] = counts[r][j] * 8, nIn += counts[r][j];
+      recvBytes[j] = counts[j][r] * 8, nOut += counts[j][r];
+    }
+    std::vector<int64_t> in(nIn), out(nOut, 99);
+    for (size_t i = 0; i < nIn; ++i) in[i] = value(r, i);
+    comm.allToAll(out.data(), in.data(), sendBytes.data(), recvBytes.data(), nullptr);
+    outs[r] = out;
+  });
+  int failures = 0;
+  for (int r = 0; r < size; ++r) {
+    std::vector<int64_t> want;
+    for (int q = 0; q < size; ++q)
+      for (size_t i = 0; i < counts[q][r]; ++i) want.push_back(value(q, start(q, r) + i));
+    if (!errors[r].empty() || outs[r] != want) {
+      ++failures;
+      std::printf("FAIL all_to_all size=%d rank=%d %s\n", size, r, errors[r].c_str());
+    }
+  }
+  return failures;
+}
+
+}  // namespace
 
 int main() {
-  int cases = 0, failures = 0, worldId = 0;
+  int cases = 0, failures = 0;
+  const Coll colls[] = {Coll::AllReduce, Coll::ReduceScatter, Coll::AllGather, Coll::Broadcast,
+                        Coll::Reduce, Coll::Gather, Coll::Scatter};
   for (int size = 1; size <= 5; ++size)
-    for (int coll = 0; coll < 4; ++coll)
-      for (int algo = 0; algo < 2; ++algo)
+    for (Coll coll : colls)
+      for (Algo algo : {Algo::Ring, Algo::Tree})
         for (size_t count : {size_t(0), size_t(1), size_t(7), size_t(1000)})
           for (size_t piece : {size_t(16), size_t(1) << 20})
             for (bool inPlace : {false, true}) {
-              ncclUniqueId id{};
-              std::snprintf(id.internal, sizeof id.internal, "world-%d", worldId++);
-              const int root = size - 1;
-              const size_t nIn = coll == 1 ? count * size : count;
-              const size_t nOut = coll == 2 ? count * size : count;
-              std::vector<std::vector<int64_t>> outs(size);
-              std::vector<std::string> errors(size);
-              std::vector<std::thread> threads;
-              for (int r = 0; r < size; ++r)
-                threads.emplace_back([&, r] {
-                  try {
-                    cuda::NcclComm comm(0, r, size, id, piece);
-                    std::vector<int64_t> in(nIn), out(std::max(nOut, nIn));
-                    for (size_t i = 0; i < nIn; ++i) in[i] = value(r, i);
-                    const int64_t* src = in.data();
-                    int64_t* dst = out.data();
-                    if (inPlace || coll == 3) {  // broadcast always works in place
-                      if (coll == 1) {           // output = input's own chunk
-                        out = in;
-                        dst = out.data() + r * count;
-                        src = out.data();
-                      } else if (coll == 2) {    // input = output's own chunk
-                        std::copy(in.begin(), in.end(), out.begin() + r * count);
-                        src = out.data() + r * count;
-                      } else {
-                        std::copy(in.begin(), in.end(), out.begin());
-                        src = out.data();
-                      }
-                    }
-                    std::vector<char> scratch(
-                        comm.scratchBytes(Coll(coll), Algo(algo), count, DType::I64, root) + 1);
-                    comm.run(Coll(coll), Algo(algo), dst, src, scratch.data(), count, DType::I64,
-                             coll <= 1 ? RedOp::Sum : RedOp::None, root, nullptr);
-                    outs[r].assign(dst, dst + nOut);
-                  } catch (const std::exception& e) {
-                    errors[r] = e.what();
-                  }
-                });
-              for (auto& t : threads) t.join();
-              ++cases;
-              for (int r = 0; r < size; ++r) {
-                bool ok = errors[r].empty();
-                for (size_t i = 0; ok && i < nOut; ++i) {
-                  int64_t want = 0;
-                  if (coll == 0) {
-                    for (int q = 0; q < size; ++q) want += value(q, i);
-                  } else if (coll == 1) {
-                    for (int q = 0; q < size; ++q) want += value(q, r * count + i);
-                  } else if (coll == 2) {
-                    want = value(int(i / count), i % count);
-                  } else {
-                    want = value(root, i);
-                  }
-                  ok = outs[r][i] == want;
-                }
-                if (!ok) {
-                  ++failures;
-                  std::printf("FAIL size=%d coll=%d algo=%d count=%zu piece=%zu in_place=%d rank=%d %s\n",
-                              size, coll, algo, count, piece, int(inPlace), r, errors[r].c_str());
-                }
+              // The newer rooted collectives with every root, the others with the last.
+              const bool everyRoot = coll == Coll::Reduce || coll == Coll::Gather || coll == Coll::Scatter;
+              for (int root = everyRoot ? 0 : size - 1; root < size; ++root) {
+                ++cases;
+                failures += runAny(Case{size, coll, algo, count, piece, inPlace, root});
               }
             }
+  // Every reducing dtype and op through all-reduce and reduce (bitwise ops: integers and
+  // bool only).
+  for (DType dtype : {DType::U8, DType::I8, DType::I16, DType::I32, DType::I64, DType::F32,
+                      DType::F64, DType::Bool})
+    for (RedOp op : {RedOp::Sum, RedOp::Prod, RedOp::Min, RedOp::Max, RedOp::Avg, RedOp::Band,
+                     RedOp::Bor, RedOp::Bxor}) {
+      const bool floating = dtype == DType::F32 || dtype == DType::F64;
+      if (floating && (op == RedOp::Band || op == RedOp::Bor || op == RedOp::Bxor)) continue;
+      for (int size : {1, 3, 4})
+        for (Coll coll : {Coll::AllReduce, Coll::Reduce})
+          for (Algo algo : {Algo::Ring, Algo::Tree})
+            for (size_t count : {size_t(1), size_t(37)}) {
+              ++cases;
+              failures += runAny(Case{size, coll, algo, count, 16, false, size / 2, dtype, op});
+            }
+    }
+  // all_to_all with uneven counts, zeros included, and with equal ones.
+  for (int size = 1; size <= 5; ++size)
+    for (int pattern = 0; pattern < 4; ++pattern)
+      for (size_t piece : {size_t(16), size_t(1) << 20}) {
+        std::vector<std::vector<size_t>> counts(size, std::vector<size_t>(size));
+        for (int i = 0; i < size; ++i)
+          for (int j = 0; j < size; ++j)
+            counts[i][j] = pattern == 0 ? 5 : size_t(((i * 3 + j * 5 + pattern) % 3) * ((i + 2 * j) % 7)) * (pattern == 3 ? 100 : 1);
+        ++cases;
+        failures += runAllToAll(size, counts, piece);
+      }
+  // run() refuses all_to_all and says what to call instead.
+  {
+    ++cases;
+    auto errors = onRanks(2, 16, [&](int, cuda::NcclComm& comm) {
+      int64_t buf[2] = {0, 0};
+      comm.run(Coll::AllToAll, Algo::Pairwise, buf, buf, nullptr, 1, DType::I64, RedOp::None, -1, nullptr);
+    });
+    for (const std::string& e : errors)
+      if (e.find("pycomm_nccl_all_to_all") == std::string::npos) {
+        ++failures;
+        std::printf("FAIL run(all_to_all) did not point to pycomm_nccl_all_to_all: '%s'\n", e.c_str());
+      }
+  }
   std::printf("checked %d cases, %d failures\n", cases, failures);
   return failures ? 1 : 0;
 }
