@@ -77,6 +77,11 @@ class Group:
     def size(self) -> int:
         return len(self.ranks)
 
+    @property
+    def closed(self) -> bool:
+        """Destroyed (destroy_process_group): it can run nothing any more."""
+        return self._closed
+
     def backend(self, tensor: torch.Tensor) -> "Backend":
         """The backend that moves `tensor`'s device type."""
         b = self.backends.get("cuda" if tensor.is_cuda else "cpu")

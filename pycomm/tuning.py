@@ -26,6 +26,7 @@ from pycomm._codes import ALGORITHMS, COLLECTIVES as COLLECTIVE_CODES
 COLLECTIVES = tuple(row["name"] for row in _C.TABLE if row["setting"])
 """the collectives whose algorithm the model (or PYCOMM_ALGO) chooses"""
 _ROWS = {row["name"]: row for row in _C.TABLE}
+_ALGORITHM_NAMES = {code: name for name, code in ALGORITHMS.items()}
 
 
 def default_path(setting: str = "") -> Path:
@@ -48,7 +49,7 @@ def algorithm_override(collective: str, setting: str) -> str | None:
     if not setting:
         return None
     code = _C.algo_override(setting, COLLECTIVE_CODES[collective])
-    return {0: "ring", 1: "tree"}.get(code)
+    return None if code == ALGORITHMS["direct"] else _ALGORITHM_NAMES[code]
 
 
 @dataclasses.dataclass(frozen=True)

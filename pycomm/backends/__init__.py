@@ -149,11 +149,9 @@ class Backend:
 
         def run():
             src = _acc(t)
-            # In place on the root; partial results must not land in the other ranks' tensors.
-            out = src if self.rank == root else torch.empty_like(src)
-            self._reduce(out, src, root, op, algo)
+            self._reduce(src, src, root, op, algo)  # in place on the root, untouched elsewhere
             if self.rank == root:
-                _finish(out, t, op, self.size)
+                _finish(src, t, op, self.size)
             return [t]
 
         return self.submit("reduce", run, (t,), async_op, algo)
@@ -242,7 +240,8 @@ class Backend:
         self._table("scatter", algo, out, out if inp is None else inp, out.numel(), root=root)
 
     def _all_to_all(self, out, inp, out_counts, in_counts):
-        self._table("all_to_all", "direct", out, inp, 0, send_counts=in_counts, recv_counts=out_counts)
+        # count 0: ranks' own counts differ; the row identifies the call by the counts per message
+        self._table("all_to_all", "pairwise", out, inp, 0, send_counts=in_counts, recv_counts=out_counts)
 
     def _barrier(self) -> None:
         raise NotImplementedError

@@ -281,10 +281,12 @@ class HierarchyBackend(Backend):
             [buf.view(-1)], _opts(dist.BroadcastOptions, rootRank=root, rootTensor=0)))
 
     def _reduce(self, out, inp, root, op, algo):
-        if out.data_ptr() != inp.data_ptr():
-            out.copy_(inp)
+        # gloo reduces in place on every rank: only the root's result may land in `out`.
+        buf = out if self.rank == root else inp.clone()
+        if buf.data_ptr() != inp.data_ptr():
+            buf.copy_(inp)
         self.gloo_stage("reduce", "whole", lambda pg: pg.reduce(
-            [out.view(-1)], _opts(dist.ReduceOptions, rootRank=root, rootTensor=0,
+            [buf.view(-1)], _opts(dist.ReduceOptions, rootRank=root, rootTensor=0,
                                   reduceOp=_GLOO_OPS[op.name])))
 
     def _gather(self, out, inp, root, algo):

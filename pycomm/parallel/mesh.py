@@ -81,7 +81,7 @@ def init_mesh(dp: int = 1, tp: int = 1, pp: int = 1) -> Mesh:
     world_group = pycomm.distributed.group_or_world(None)
     key = (id(world_group), dp, tp, pp)
     mesh = _cache.get(key)
-    if mesh is None or mesh.tp_group._comm is None:  # a destroyed world reuses no groups
+    if mesh is None or mesh.tp_group.closed:  # a destroyed world reuses no groups
         _cache.clear()
         mesh = _build(dp, tp, pp, pycomm.get_rank())
         _cache[key] = mesh
@@ -118,7 +118,7 @@ def _build(dp: int, tp: int, pp: int, rank: int) -> Mesh:
 
 def current_mesh() -> Mesh | None:
     """The mesh of the last ``init_mesh`` call on this rank, or None."""
-    if _current is not None and _current.tp_group._comm is None:
+    if _current is not None and _current.tp_group.closed:
         return None  # its process group was destroyed
     return _current
 
