@@ -125,13 +125,16 @@ PYBIND11_MODULE(_C, m) {
   py::list table;
   for (const Collective& c : collectives()) {
     colls[c.name] = int(c.coll);
-    py::list names;
-    for (const AlgoEntry& e : c.algos) names.append(algoName(e.algo));
+    py::list names, formulas;
+    for (const AlgoEntry& e : c.algos) {
+      names.append(algoName(e.algo));
+      formulas.append(e.formula);
+    }
     table.append(py::dict(py::arg("name") = c.name, py::arg("code") = int(c.coll),
                           py::arg("setting") = c.setting ? py::cast(c.setting) : py::none(),
                           py::arg("reduces") = c.reduces, py::arg("rooted") = c.rooted,
                           py::arg("count") = c.count, py::arg("bytes") = c.bytes,
-                          py::arg("algorithms") = names));
+                          py::arg("algorithms") = names, py::arg("formulas") = formulas));
   }
   colls["send/recv"] = int(Coll::SendRecv);
   m.attr("DTYPES") = dtypes;

@@ -281,7 +281,12 @@ class Adapter:
 
     def barrier(self, timeout):
         cpu = self.group.backends["cpu"]
-        return self.group.run(lambda: cpu._barrier() or [], True)
+
+        def run():
+            cpu._barrier()
+            return []
+
+        return self.group.run(run, True)
 
     def monitored_barrier(self, timeout, wait_all_ranks: bool):
         return self.barrier(timeout)

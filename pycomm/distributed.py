@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from pycomm import _rendezvous, tuning
 from pycomm._settings import MAX_TIMEOUT, Settings, clamp_timeout
+from pycomm.backends import Backend
 from pycomm.backends.cuda import CudaBackend
 from pycomm.backends.hierarchy import HierarchyBackend
 from pycomm.backends.shm import ShmBackend
@@ -63,6 +64,7 @@ class Context:
         if g.rank < 0:
             return g
         prefix = f"{self.key}g{gid}/"
+        cpu: Backend
         if len(set(g.hosts)) == 1:
             transport = _rendezvous.shm_transport(self.store, prefix, g.rank, ranks, self.token,
                                                   self.timeout, f"g{gid}", self.settings)
@@ -186,9 +188,7 @@ def new_group(ranks) -> Group:
 def group_or_world(group: Group | None) -> Group:
     """The group to run on; raises if pycomm is not initialised or we are not a member."""
     if group is None:
-        if _world is None:
-            _require()
-        return _world.groups[0]
+        return (_world or _require()).groups[0]
     if not isinstance(group, Group):
         raise TypeError(f"group must be a pycomm Group from new_group(), not {type(group).__name__}")
     if group.rank < 0:

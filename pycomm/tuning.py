@@ -37,6 +37,11 @@ def default_path(setting: str = "") -> Path:
     return Path(cache) / "pycomm" / "tune.json"
 
 
+def algorithms(collective: str) -> list[str]:
+    """The algorithms the collective table has for `collective`."""
+    return list(_ROWS[collective]["algorithms"])
+
+
 def tree_depth(p: int) -> int:
     """Edges from the root to the deepest leaf of the binary tree over p ranks."""
     return _C.tree_depth(p)
@@ -96,15 +101,22 @@ class CostModel:
         return best
 
     def table(self, world_sizes=(2, 3, 4, 8)) -> str:
-        """The model as text: constants and, per world size, where the tree stops winning."""
+        """The model as text: constants, the formulas, and per world size where the tree
+        stops winning (collectives with a ring and a tree)."""
         lines = [
             f"alpha = {self.alpha * 1e6:.2f} us/step, "
             f"beta = {1 / self.beta / 1e9:.2f} GB/s moved, "
             f"gamma = {1 / self.gamma / 1e9:.2f} GB/s reduced   ({self.source})",
-            "tree chosen up to (bytes):",
+            "formulas (n bytes, p ranks, D tree depth, L = ceil(log2 p)):",
         ]
+        for row in _C.TABLE:
+            if row["setting"]:
+                for algo, formula in zip(row["algorithms"], row["formulas"]):
+                    lines.append(f"  {row['name']:<15} {algo:<9} {formula}   (n = {row['bytes']})")
+        both = [c for c in COLLECTIVES if {"ring", "tree"} <= set(algorithms(c))]
+        lines.append("tree chosen up to (bytes):")
         for p in world_sizes:
-            cells = ", ".join(f"{c} {self.crossover(c, p)}" for c in COLLECTIVES)
+            cells = ", ".join(f"{c} {_size_text(self.crossover(c, p))}" for c in both)
             lines.append(f"  p={p}: {cells}")
         return "\n".join(lines)
 
@@ -124,6 +136,10 @@ class CostModel:
         if not all(math.isfinite(x) and x > 0 for x in (m.alpha, m.beta, m.gamma)):
             raise ValueError(f"cost model constants must be finite and positive: {text[:80]!r}")
         return m
+
+
+def _size_text(crossover: int) -> str:
+    return {0: "never", 1 << 40: "always"}.get(crossover, str(crossover))
 
 
 def load(path: os.PathLike | str | None = None) -> CostModel:

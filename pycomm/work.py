@@ -63,7 +63,7 @@ class Work:
 
     def get_future(self) -> torch.futures.Future:
         """A torch.futures.Future completed with result() (or failed with the error)."""
-        fut = torch.futures.Future()
+        fut: torch.futures.Future = torch.futures.Future()
 
         def done(w: Work):
             e = w.exception()

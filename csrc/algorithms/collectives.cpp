@@ -95,59 +95,59 @@ std::vector<Collective> makeTable() {
   std::vector<Collective> t;
   t.push_back({Coll::AllReduce, "all_reduce", "allreduce", true, false,
                "elements of the buffer", "the buffer", noScratch,
-               {{Algo::Ring, allReduceRing,
+               {{Algo::Ring, "2(p-1)α + 2(p-1)/p·nβ + (p-1)/p·nγ", allReduceRing,
                  [](const CostModel& m, double n, int p) {
                    return 2 * (p - 1) * m.alpha + 2 * f(p) * n * m.beta + f(p) * n * m.gamma;
                  }},
-                {Algo::Tree, allReduceTree, [](const CostModel& m, double n, int p) {
+                {Algo::Tree, "2Dα + 2nβ + nγ", allReduceTree, [](const CostModel& m, double n, int p) {
                    return 2 * treeDepth(p) * m.alpha + 2 * n * m.beta + n * m.gamma;
                  }}}});
   t.push_back({Coll::ReduceScatter, "reduce_scatter", "reducescatter", true, false,
                "elements of the output (one rank's block)", "the input", wholeInput,
-               {{Algo::Ring, reduceScatterRing,
+               {{Algo::Ring, "(p-1)α + (p-1)/p·nβ + (p-1)/p·nγ", reduceScatterRing,
                  [](const CostModel& m, double n, int p) {
                    return (p - 1) * m.alpha + f(p) * n * m.beta + f(p) * n * m.gamma;
                  }},
-                {Algo::Tree, reduceScatterTree, [](const CostModel& m, double n, int p) {
+                {Algo::Tree, "2Dα + 2nβ + nγ", reduceScatterTree, [](const CostModel& m, double n, int p) {
                    return 2 * treeDepth(p) * m.alpha + 2 * n * m.beta + n * m.gamma;
                  }}}});
   t.push_back({Coll::AllGather, "all_gather", "allgather", false, false,
                "elements of the input (one rank's block)", "the output", noScratch,
-               {{Algo::Ring, allGatherRing,
+               {{Algo::Ring, "(p-1)α + (p-1)/p·nβ", allGatherRing,
                  [](const CostModel& m, double n, int p) { return (p - 1) * m.alpha + f(p) * n * m.beta; }},
-                {Algo::Tree, allGatherTree, [](const CostModel& m, double n, int p) {
+                {Algo::Tree, "2Dα + 2nβ", allGatherTree, [](const CostModel& m, double n, int p) {
                    return 2 * treeDepth(p) * m.alpha + 2 * n * m.beta;
                  }}}});
   t.push_back({Coll::Broadcast, "broadcast", "broadcast", false, true,
                "elements of the buffer", "the buffer", noScratch,
-               {{Algo::Ring, broadcastChain,  // a pipelined chain
+               {{Algo::Ring, "(p-1)α + nβ", broadcastChain,  // a pipelined chain
                  [](const CostModel& m, double n, int p) { return (p - 1) * m.alpha + n * m.beta; }},
-                {Algo::Tree, broadcastTree, [](const CostModel& m, double n, int p) {
+                {Algo::Tree, "Dα + 2nβ", broadcastTree, [](const CostModel& m, double n, int p) {
                    return treeDepth(p) * m.alpha + 2 * n * m.beta;
                  }}}});
   t.push_back({Coll::Reduce, "reduce", "reduce", true, true,
                "elements of the buffer (the result: on the root only)", "the buffer", oneBuffer,
-               {{Algo::Ring, reduceRing,  // ring reduce-scatter, binomial gather of the chunks
+               {{Algo::Ring, "(p-1+L)α + (p-1)/p·n(2β+γ)", reduceRing,  // ring reduce-scatter, binomial gather of the chunks
                  [](const CostModel& m, double n, int p) {
                    return (p - 1 + ceilLog2(p)) * m.alpha + f(p) * n * (2 * m.beta + m.gamma);
                  }},
-                {Algo::Tree, reduceTree, [](const CostModel& m, double n, int p) {
+                {Algo::Tree, "(D+1)α + nβ + nγ", reduceTree, [](const CostModel& m, double n, int p) {
                    return (treeDepth(p) + 1) * m.alpha + n * m.beta + n * m.gamma;
                  }}}});
   t.push_back({Coll::Gather, "gather", "gather", false, true,
                "elements of one rank's input (the root's output holds size blocks, in rank order)",
                "the root's output", forwarded,
-               {{Algo::Ring, gatherChain,  // a pipelined chain
+               {{Algo::Ring, "(p-1)α + (p-1)/p·nβ", gatherChain,  // a pipelined chain
                  [](const CostModel& m, double n, int p) { return (p - 1) * m.alpha + f(p) * n * m.beta; }},
-                {Algo::Tree, gatherTree, [](const CostModel& m, double n, int p) {  // binomial
+                {Algo::Tree, "Lα + (p-1)/p·nβ", gatherTree, [](const CostModel& m, double n, int p) {  // binomial
                    return ceilLog2(p) * m.alpha + f(p) * n * m.beta;
                  }}}});
   t.push_back({Coll::Scatter, "scatter", "scatter", false, true,
                "elements of one rank's output (the root's input holds size blocks, in rank order)",
                "the root's input", forwarded,
-               {{Algo::Ring, scatterChain,  // a pipelined chain
+               {{Algo::Ring, "(p-1)α + (p-1)/p·nβ", scatterChain,  // a pipelined chain
                  [](const CostModel& m, double n, int p) { return (p - 1) * m.alpha + f(p) * n * m.beta; }},
-                {Algo::Tree, scatterTree, [](const CostModel& m, double n, int p) {  // binomial
+                {Algo::Tree, "Lα + (p-1)/p·nβ", scatterTree, [](const CostModel& m, double n, int p) {  // binomial
                    return ceilLog2(p) * m.alpha + f(p) * n * m.beta;
                  }}}});
   // Per-peer counts (send_counts/recv_counts) replace `count` in the plan, but count stays
@@ -156,12 +156,12 @@ std::vector<Collective> makeTable() {
   t.push_back({Coll::AllToAll, "all_to_all", "alltoall", false, false,
                "elements of one block, each way, unless per-rank counts are given",
                "one rank's input", noScratch,
-               {{Algo::Pairwise, allToAllPairwise, [](const CostModel& m, double n, int p) {
+               {{Algo::Pairwise, "(p-1)α + (p-1)/p·nβ", allToAllPairwise, [](const CostModel& m, double n, int p) {
                    return (p - 1) * m.alpha + f(p) * n * m.beta;
                  }}}});
   t.push_back({Coll::Barrier, "barrier", nullptr, true, false, "1 (one byte)", "nothing",
                noScratch,
-               {{Algo::Tree, barrierTree,
+               {{Algo::Tree, "2Dα", barrierTree,
                  [](const CostModel& m, double, int p) { return 2 * treeDepth(p) * m.alpha; }}}});
   return t;
 }

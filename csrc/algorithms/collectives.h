@@ -38,6 +38,7 @@ using CostFn = double (*)(const CostModel&, double bytes, int p);
 
 struct AlgoEntry {
   Algo algo;
+  const char* formula;  // the cost as text (pycomm model prints it)
   PlanFn plan;
   CostFn cost;
 };

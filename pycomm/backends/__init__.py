@@ -195,7 +195,11 @@ class Backend:
         return self.submit("all_to_all", run, (out, inp), async_op)
 
     def barrier(self) -> None:
-        self.submit("barrier", lambda: self._barrier() or [], (), False)
+        def run():
+            self._barrier()
+            return []
+
+        self.submit("barrier", run, (), False)
 
     def p2p(self, items: list[P2PItem], async_op: bool):
         """Sends and receives posted together (no order among them is needed to avoid a

@@ -150,6 +150,7 @@ def ipc_gather(ph: Phases, buf, out: torch.Tensor | None, inp: torch.Tensor, roo
         buf.put(0, inp.data_ptr() + lo, m, stream)
         ph.step()
         if ph.rank == root:
+            assert out is not None  # the caller passes the root's output
             for r in range(ph.size):
                 buf.get(r, out.data_ptr() + r * nbytes + lo, 0, m, stream)
         ph.step()
@@ -176,6 +177,7 @@ def ipc_scatter(ph: Phases, buf, out: torch.Tensor, inp: torch.Tensor | None, ro
     for lo in range(0, nbytes, step):
         m = min(step, nbytes - lo)
         if ph.rank == root:
+            assert inp is not None  # the caller passes the root's input
             for r in range(ph.size):  # block r's piece at r * m
                 buf.put(r * m, inp.data_ptr() + r * nbytes + lo, m, stream)
             ph.sync()
@@ -309,7 +311,7 @@ class CudaBackend(Backend):
     def _ipc(self, st: _State) -> _cuda.IpcBuffers:
         if st.ipc is None:
             buf = _cuda.IpcBuffers(st.device, 2 * self.group.settings.cuda_ipc_bytes)
-            self.store.set(f"{self.prefix}ipc/{self.rank}", buf.handle)
+            self.store.set(f"{self.prefix}ipc/{self.rank}", buf.handle)  # type: ignore[arg-type]
             _rendezvous.wait_keys(self.store, {f"{self.prefix}ipc/{r}": self.group.ranks[r]
                                                for r in range(self.size)},
                                   self.timeout, "share its CUDA IPC buffer")
@@ -325,7 +327,7 @@ class CudaBackend(Backend):
         if st.nccl is None:
             key = f"{self.prefix}nccl-id"
             if self.rank == 0:
-                self.store.set(key, _cuda.NcclComm.unique_id())
+                self.store.set(key, _cuda.NcclComm.unique_id())  # type: ignore[arg-type]
             _rendezvous.wait_keys(self.store, {key: self.group.ranks[0]}, self.timeout,
                                   "publish the NCCL id")
             uid = self.store.get(key)
@@ -410,7 +412,8 @@ class CudaBackend(Backend):
                 missing = diagnose(self.store, self.prefix, self.rank, self.group.ranks, seq,
                                    self.timeout)
                 try:
-                    st.nccl.abort()  # releases the kernels stuck waiting for a peer
+                    if st.nccl is not None:
+                        st.nccl.abort()  # releases the kernels stuck waiting for a peer
                 finally:
                     who = ", ".join(f"rank {r}" for r in missing) or "no rank identified"
                     st.error = CommTimeoutError(
@@ -422,11 +425,21 @@ class CudaBackend(Backend):
 
     # ------------------------------------------------------------------ primitives
 
+    def _live(self) -> _State:
+        """The state submit() made for this call (primitives run inside submit)."""
+        st = self.st
+        if st is None:
+            raise RuntimeError("pycomm: this group's CUDA resources were released; call "
+                               "init_process_group again")
+        return st
+
     def _phases(self, st: _State) -> Phases:
+        if self.host_barrier is None:
+            raise RuntimeError("pycomm: CUDA IPC needs the group on one host")
         return Phases(self.rank, self.size, self.host_barrier, st.stream.synchronize)
 
     def _run_nccl(self, coll: str, algo: str, out, inp, count: int, op: Op = NONE, root: int = -1):
-        st = self.st
+        st = self._live()
         comm = self._nccl(st)
         dt = DTYPES[inp.dtype]
         nbytes = comm.scratch_bytes(COLLECTIVES[coll], ALGORITHMS[algo], count, dt, root)
@@ -439,50 +452,50 @@ class CudaBackend(Backend):
         self._run_nccl(collective, algo, out, inp, count, op, root)
 
     def _all_reduce(self, buf, op, algo):
-        st = self.st
+        st = self._live()
         if self._via(algo) == "nccl":
             return self._run_nccl("all_reduce", algo, buf, buf, buf.numel(), op)
         oneshot = buf.numel() * buf.element_size() <= self.group.settings.cuda_oneshot_bytes
         ipc_all_reduce(self._phases(st), self._ipc(st), buf, op.code, st.stream.cuda_stream, oneshot)
 
     def _reduce_scatter(self, out, inp, op, algo):
-        st = self.st
+        st = self._live()
         if self._via(algo) == "nccl":
             return self._run_nccl("reduce_scatter", algo, out, inp, out.numel(), op)
         ipc_reduce_scatter(self._phases(st), self._ipc(st), out, inp, op.code, st.stream.cuda_stream)
 
     def _all_gather(self, out, inp, algo):
-        st = self.st
+        st = self._live()
         if self._via(algo) == "nccl":
             return self._run_nccl("all_gather", algo, out, inp, inp.numel())
         ipc_all_gather(self._phases(st), self._ipc(st), out, inp, st.stream.cuda_stream)
 
     def _broadcast(self, buf, root, algo):
-        st = self.st
+        st = self._live()
         if self._via(algo) == "nccl":
             return self._run_nccl("broadcast", algo, buf, buf, buf.numel(), root=root)
         ipc_broadcast(self._phases(st), self._ipc(st), buf, root, st.stream.cuda_stream)
 
     def _reduce(self, out, inp, root, op, algo):
-        st = self.st
+        st = self._live()
         if self._via(algo) == "nccl":
             return self._run_nccl("reduce", algo, out, inp, inp.numel(), op, root)
         ipc_reduce(self._phases(st), self._ipc(st), out, inp, root, op.code, st.stream.cuda_stream)
 
     def _gather(self, out, inp, root, algo):
-        st = self.st
+        st = self._live()
         if self._via(algo) == "nccl":
             return self._run_nccl("gather", algo, inp if out is None else out, inp, inp.numel(), root=root)
         ipc_gather(self._phases(st), self._ipc(st), out, inp, root, st.stream.cuda_stream)
 
     def _scatter(self, out, inp, root, algo):
-        st = self.st
+        st = self._live()
         if self._via(algo) == "nccl":
             return self._run_nccl("scatter", algo, out, out if inp is None else inp, out.numel(), root=root)
         ipc_scatter(self._phases(st), self._ipc(st), out, inp, root, st.stream.cuda_stream)
 
     def _all_to_all(self, out, inp, out_counts, in_counts):
-        st = self.st
+        st = self._live()
         es = inp.element_size()
         if self._via("auto") == "nccl":
             self._nccl(st).all_to_all(out.data_ptr(), inp.data_ptr(), [c * es for c in in_counts],
@@ -518,7 +531,9 @@ class CudaBackend(Backend):
                      st.stream.cuda_stream)
             return tensors
 
-        return self.submit("send/recv", run, tuple(tensors), True)
+        work = self.submit("send/recv", run, tuple(tensors), True)
+        assert work is not None  # async_op=True always returns the Work
+        return work
 
     def close(self) -> None:
         """Releases the group's CUDA resources (destroy_process_group)."""

@@ -216,7 +216,8 @@ sys.stdin.readline()
 
 
 def test_stale_segment_from_dead_process_is_reaped(run):
-    dead_name, live_name = "/pycomm-00000000deadbeef-g0-r1", "/pycomm-00000000deadbeef-g0-r0"
+    token = f"{os.getpid():08x}deadbeef"[-16:].rjust(16, "0")
+    dead_name, live_name = f"/pycomm-{token}-g0-r1", f"/pycomm-{token}-g0-r0"
     subprocess.run([sys.executable, "-c", LEAVE_SEGMENT, dead_name, "die"], check=True,
                    capture_output=True)
     live = subprocess.Popen([sys.executable, "-c", LEAVE_SEGMENT, live_name, "live"],

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 import pycomm
-from pycomm import distributed
+from pycomm import _rendezvous, distributed
 
 INTRUDER = "pycomm-intruder"
 # csrc/transport/shm.cpp's header: what an attacker who read the source would write.
@@ -108,7 +108,7 @@ def test_file_store_is_private_to_the_job_user():
     with tempfile.TemporaryDirectory() as d:
         os.chmod(d, 0o755)  # others may enter the folder: the file's own mode must protect it
         path = os.path.join(d, "store")
-        store = distributed._make_store(0, 1, f"file://{path}", timedelta(seconds=10))
+        store = _rendezvous.make_store(0, 1, f"file://{path}", timedelta(seconds=10))
         store.set("pycomm/0/token", "0123456789abcdef")
         assert os.stat(path).st_mode & 0o777 == 0o600
         seen = _as(user, _try_read, path)
@@ -129,7 +129,7 @@ def test_file_store_planted_by_another_user_is_refused():
         path = os.path.join(d, "store")
         _as(user, _plant_file, path)
         with pytest.raises(PermissionError, match=f"owned by uid {user.pw_uid}.*mode 0666"):
-            distributed._make_store(0, 1, f"file://{path}", timedelta(seconds=10))
+            _rendezvous.make_store(0, 1, f"file://{path}", timedelta(seconds=10))
 
 
 def test_file_store_in_a_missing_folder_fails_at_once():
@@ -271,12 +271,12 @@ def test_another_user_cannot_inject_into_a_job(mode, garbage):
 
 
 def job_corrupt(what):
-    g = distributed._require().world
+    g = distributed.group_or_world(None)
     t = torch.ones(100000)
     try:
         pycomm.all_reduce(t)  # healthy first (rank 0 may still be reading when rank 1 returns)
         if pycomm.get_rank() == 1:
-            g._comm.transport._corrupt_for_test(what)
+            g.backends["cpu"].transport._corrupt_for_test(what)
             time.sleep(0.3)  # rank 0 waits, so it checks its peers (every 5 ms of a wait)
         pycomm.all_reduce(t)
         return ("ok", t[0].item())
@@ -310,7 +310,7 @@ def test_start_up_never_removes_another_users_segments():
     name = "/pycomm-0000000000000bad-g0-r0"
     _as(user, _plant_stale, name)
     try:
-        distributed._reap_stale_segments()
+        _rendezvous.reap_stale_segments()
         assert os.path.exists("/dev/shm" + name)
     finally:
         os.unlink("/dev/shm" + name)

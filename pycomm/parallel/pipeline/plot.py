@@ -21,7 +21,7 @@ def _time_unit(result) -> float:
     """Largest step that divides every duration, so each action spans whole columns."""
     durations = {t.end - t.start for row in result.timeline for t in row}
     fracs = [Fraction(d).limit_denominator(1000) for d in durations]
-    num = 0
+    num = Fraction(0)
     for f in fracs:
         num = Fraction(_gcd_frac(num, f)) if num else f
     return float(num) if num else 1.0

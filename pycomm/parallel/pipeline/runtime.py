@@ -119,7 +119,7 @@ class Pipeline:
         else:
             self.checkpointed = set(checkpoint)
         self._shapes: dict[int, tuple] = {}
-        self._probe_key = None
+        self._probe_key: tuple | None = None
         self._param_storages = {q.untyped_storage().data_ptr()
                                 for mod in self.stages.values() for q in mod.parameters()}
         self.last_stats: StepStats | None = None
@@ -242,6 +242,7 @@ class Pipeline:
     def _p2p(self, op: Action) -> tuple[object, torch.Tensor, int]:
         """(isend/irecv, tensor, peer) for one message; receive buffers are allocated here."""
         peer = self.sched.peer(op)
+        assert peer is not None  # op is a message
         s, i = op.stage, op.microbatch
         if op.kind is Kind.SEND_F:
             return pycomm.isend, self._out.pop((s, i)), peer
@@ -277,7 +278,7 @@ class Pipeline:
         """Learn the input shape of every stage this rank receives (module docstring)."""
         p, me = self.group.size, self.group.rank
         modes = {s: mod.training for s, mod in self.stages.items()}
-        x = None
+        x: torch.Tensor | None = None
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             tp_state = prandom.tensor_parallel_generator().get_state()
             try:
@@ -292,6 +293,7 @@ class Pipeline:
                         shape = tuple(header[2:2 + int(header[1])].tolist())
                         x = torch.empty(shape, dtype=_DTYPES[int(header[0])])
                         pycomm.recv(x, (s - 1) % p, group=self.group)
+                    assert x is not None  # stage s's input: x0, received, or computed here
                     self._shapes[s] = (tuple(x.shape), x.dtype)
                     self.stages[s].eval()
                     y = self.stages[s](x).contiguous()
@@ -329,7 +331,9 @@ class Pipeline:
         peaks = tuple(int(every[r, n, 0]) for r in range(self.group.size))
         every = every[:, :n]
         t0 = float(every[..., 0].min())
-        rows, fwd, bwd = [], [], []
+        rows: list = []
+        fwd: list = []
+        bwd: list = []
         computes = [[st for st in prog if isinstance(st, Action) and st.kind.is_compute]
                     for prog in self.sched.actions]
         for r in range(self.group.size):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable, Union
+from typing import Sequence, Iterable, Union
 
 __all__ = [
     "Kind",
@@ -166,8 +166,8 @@ class Schedule:
     """Number of micro-batches per step, ``m``."""
     virtual: int
     """Model chunks per rank, ``v`` (1 unless interleaved)."""
-    actions: tuple[tuple[Step, ...], ...] = field(repr=False)
-    """``actions[rank]`` is what that rank executes, in order."""
+    actions: Sequence[Sequence[Step]] = field(repr=False)
+    """``actions[rank]`` is what that rank executes, in order (stored as tuples)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "actions", tuple(tuple(a) for a in self.actions))

@@ -103,6 +103,7 @@ def _pair_messages(sched: Schedule) -> dict[tuple[int, int, int], tuple[int, int
                         f"{neighbour} to exchange with (model stages 0..{nstages - 1}); remove it"
                     )
                 peer = sched.peer(op)
+                assert peer is not None  # op is a message
                 if peer == r:
                     raise ScheduleError(
                         f"rank {r}, step {k} '{op}': stages {op.stage} and {neighbour} are both on "
@@ -284,6 +285,7 @@ def execute(
                 k, step = pc[r], programs[r][pc[r]]
                 if isinstance(step, Action) and step.kind.is_compute:
                     key = need(r, k, step)
+                    assert key is not None  # a computation that cannot start needs something
                     producer = Action(key[1], Kind.F if key[0] == "activation" else Kind.B, key[2])
                     owner = sched.rank_of(key[1])
                     lines.append(
