@@ -12,6 +12,7 @@
 #include "algorithms/rounds.h"
 #include "communicator.h"
 #include "transport/shm.h"
+#include "worker.h"
 
 namespace py = pybind11;
 using namespace pycomm;
@@ -23,6 +24,21 @@ void bindTorchBackend(py::module_& m);  // torch/backend.cpp: the only file with
 namespace {
 
 void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+// A Python object a C++ thread may copy and drop without the GIL: the last owner takes the
+// GIL to release it.
+std::shared_ptr<py::object> pyHeld(py::object o) {
+  return std::shared_ptr<py::object>(new py::object(std::move(o)), [](py::object* p) {
+    if (!Py_IsInitialized()) {
+      p->release();  // the interpreter is gone
+    } else {
+      py::gil_scoped_acquire gil;
+      delete p;
+      return;
+    }
+    delete p;
+  });
+}
 
 Clock::time_point deadlineIn(double seconds) {
   return Clock::now() +
@@ -114,6 +130,66 @@ PYBIND11_MODULE(_C, m) {
           py::arg("slice"))
       .def("done", &Communicator::done, py::arg("id"));
 
+  py::class_<Completion, std::shared_ptr<Completion>>(m, "Completion")
+      .def("done", &Completion::done)
+      .def(
+          "wait",
+          [](Completion& c, double timeout) {
+            py::gil_scoped_release nogil;
+            return c.wait(timeout);
+          },
+          py::arg("timeout") = -1.0, "blocks until done; False if `timeout` (s, >= 0) passed first")
+      .def_property_readonly("kind", [](const Completion& c) { return int(c.kind()); },
+                             "0 ok, 1 CommError, 2 CommTimeoutError, 3 CommMismatchError, 4 other")
+      .def_property_readonly("message", &Completion::message)
+      .def(
+          "on_done",
+          [](Completion& c, py::function fn) {
+            auto held = pyHeld(std::move(fn));
+            c.onDone([held] {
+              py::gil_scoped_acquire gil;
+              try {
+                (*held)();
+              } catch (py::error_already_set& e) {
+                e.discard_as_unraisable("pycomm: a done-callback");
+              }
+            });
+          },
+          py::arg("fn"), "fn() once done (at once if it is), on the thread that finishes it");
+
+  py::class_<Worker, std::shared_ptr<Worker>>(m, "Worker")
+      .def(py::init<std::string>(), py::arg("name"))
+      .def(
+          "submit",
+          [](Worker& w, py::function fn) {
+            auto held = pyHeld(std::move(fn));
+            return w.submit([held] {
+              py::gil_scoped_acquire gil;
+              (*held)();
+            });
+          },
+          py::arg("fn"), "fn() with the GIL, after everything submitted before it")
+      .def(
+          "submit_collective",
+          [](Worker& w, std::shared_ptr<Communicator> c, int coll, int algo, uintptr_t out, uintptr_t in,
+             size_t count, int dtype, int op, int root, double timeout) {
+            CollArgs a{Coll(coll), Algo(algo), c->size(), static_cast<char*>(ptr(out)),
+                       static_cast<const char*>(ptr(in)), nullptr, count, 0, root};
+            return w.submit([c, a, dtype, op, timeout] { c->collective(a, DType(dtype), RedOp(op), timeout); });
+          },
+          "a collective of the table as a job that runs without the GIL (the caller keeps the "
+          "buffers alive until the Completion says done)")
+      .def("drain",
+           [](Worker& w) {
+             py::gil_scoped_release nogil;
+             w.drain();
+           })
+      .def("idle", &Worker::idle)
+      .def("close", [](Worker& w) {
+        py::gil_scoped_release nogil;
+        w.close();
+      });
+
   bindTorchBackend(m);
 
   // The codes of csrc/common.h by name, and the collective table's rows: Python reads them
@@ -150,6 +226,13 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("coll"), py::arg("algo"), py::arg("bytes"), py::arg("size"), py::arg("alpha"),
       py::arg("beta"), py::arg("gamma"), "seconds the alpha-beta model predicts (algorithms/cost.h)");
+  m.def(
+      "choose",
+      [](int coll, double bytes, int size, double alpha, double beta, double gamma) {
+        return int(choose(CostModel{alpha, beta, gamma}, Coll(coll), bytes, size));
+      },
+      py::arg("coll"), py::arg("bytes"), py::arg("size"), py::arg("alpha"), py::arg("beta"),
+      py::arg("gamma"), "the algorithm code the cost model picks (the cheapest; the first on ties)");
   m.def("tree_depth", &treeDepth, py::arg("size"));
   m.def(
       "algo_override",

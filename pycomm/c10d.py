@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from pycomm import _C, collectives as C
 from pycomm._settings import Settings, clamp_timeout
+from pycomm.backends.shm import ShmBackend
 from pycomm.distributed import Context
 from pycomm.group import Group
 from pycomm.work import Work, completed
@@ -329,7 +330,14 @@ def _create(store, rank: int, size: int, timeout: datetime.timedelta) -> "_C.Tor
     except BaseException:
         ctx.close()
         raise
-    return _C.TorchBackend(rank, size, Adapter(group, ctx))
+    backend = _C.TorchBackend(rank, size, Adapter(group, ctx))
+    cpu = group.backends["cpu"]
+    if isinstance(cpu, ShmBackend) and not settings.debug:
+        # Plain all-reduces of CPU tensors skip Python entirely (csrc/torch/backend.h).
+        m = group.model
+        backend.enable_native(group.worker, cpu.comm, m.alpha, m.beta, m.gamma, settings.algo,
+                              group.timeout)
+    return backend
 
 
 def register() -> None:

@@ -12,17 +12,17 @@ CUDA operations are ordered by the group's stream instead (backends/cuda.py).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from pycomm import _C
 from pycomm._settings import Settings
 from pycomm.errors import CommError
 from pycomm.tuning import CostModel
-from pycomm.work import Work
+from pycomm.work import QueuedWork, Work
 
 if TYPE_CHECKING:
     from pycomm.backends import Backend
@@ -66,12 +66,17 @@ class Group:
     """the backend of each device type ("cpu", "cuda"), chosen when the group was built"""
     hosts: tuple[str, ...] = field(default=(), repr=False)
     """host identity of each member"""
-    _executor: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
-    _last: concurrent.futures.Future | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _closed: bool = field(default=False, repr=False)
     _picks: dict = field(default_factory=dict, repr=False)
-    _worker: int = field(default=0, repr=False)
+    _worker_ident: int = field(default=0, repr=False)
+    _worker: _C.Worker | None = field(default=None, repr=False)
+
+    @property
+    def worker(self) -> _C.Worker:
+        """The group's in-order worker thread (csrc/worker.h), started on first use."""
+        if self._worker is None:
+            self._worker = _C.Worker(f"pycomm-g{self.gid}")
+        return self._worker
 
     @property
     def size(self) -> int:
@@ -97,31 +102,41 @@ class Group:
         """fn() now (async_op=False; returns None) or on the group's worker thread, after
         everything queued before it (returns its Work).  `keep`: the operation's tensors,
         held (storage included) until it is done."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("pycomm: this group was destroyed; call init_process_group again")
-            if async_op:
-                if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(
-                        max_workers=1, thread_name_prefix=f"pycomm-g{self.gid}",
-                        initializer=self._mark_worker)
-                self._last = self._executor.submit(_checked(fn, keep))
-                return Work(self._last, keep + tuple(t.untyped_storage() for t in keep))
-            pending = self._last
-        if pending is not None and not pending.done() and threading.get_ident() != self._worker:
+        if self._closed:
+            raise RuntimeError("pycomm: this group was destroyed; call init_process_group again")
+        if async_op:
+            work = QueuedWork(keep + tuple(t.untyped_storage() for t in keep))
+            checked = _checked(fn, keep)
+
+            def job():
+                self._worker_ident = threading.get_ident()
+                try:
+                    work._outputs = checked()
+                except BaseException as e:  # noqa: BLE001 - delivered by Work.wait()
+                    work._error = e
+
+            work._completion = self.worker.submit(job)
+            return work
+        if not self.worker.idle() and threading.get_ident() != self._worker_ident:
             # Earlier async operations first (their errors belong to their own Work).  On
             # the worker itself (a done-callback) everything earlier has finished already.
-            concurrent.futures.wait([pending])
+            self.worker.drain()
         fn()
         return None
 
-    def _mark_worker(self) -> None:
-        self._worker = threading.get_ident()
+    def queue_native(self, comm, coll: int, algo: int, out: torch.Tensor, inp: torch.Tensor,
+                     count: int, dtype: int, op: int, root: int, keep: tuple) -> Work:
+        """A collective of the table on the worker, run without the GIL (backends/shm.py)."""
+        if self._closed:
+            raise RuntimeError("pycomm: this group was destroyed; call init_process_group again")
+        work = QueuedWork(keep + tuple(t.untyped_storage() for t in keep), list(keep[:1]))
+        work._completion = self.worker.submit_collective(
+            comm, coll, algo, out.data_ptr(), inp.data_ptr(), count, dtype, op, root, self.timeout)
+        return work
 
     def idle(self) -> bool:
         """No asynchronous operation of this group is queued or running."""
-        last = self._last
-        return last is None or last.done()
+        return self.worker.idle()
 
     # ------------------------------------------------------------------ algorithms
 
@@ -142,15 +157,12 @@ class Group:
 
     def close(self) -> None:
         """Waits for queued async operations, then releases every backend."""
-        with self._lock:
-            self._closed = True
-            ex, self._executor = self._executor, None
-        if ex is not None:
-            ex.shutdown(wait=True)
+        self._closed = True
+        if self._worker is not None:
+            self._worker.close()  # runs what is queued first
         backends, self.backends = self.backends, {}
         for b in backends.values():
             try:
                 b.close()
             except CommError:
                 pass
-

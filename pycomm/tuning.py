@@ -83,9 +83,13 @@ class CostModel:
                           self.alpha, self.beta, self.gamma)
 
     def choose(self, collective: str, nbytes: int, p: int) -> str:
-        """The algorithm the model predicts is fastest (the first listed on ties)."""
-        algos = _ROWS[collective]["algorithms"]
-        return min(algos, key=lambda a: (self.time(collective, a, nbytes, p), algos.index(a)))
+        """The algorithm the model predicts is fastest (the first listed on ties); the same
+        choice the C++ side makes (csrc/algorithms/cost.cpp)."""
+        row = _ROWS.get(collective)
+        if row is None:
+            raise ValueError(f"unknown collective {collective!r}: use one of {tuple(_ROWS)}")
+        code = _C.choose(row["code"], float(nbytes), p, self.alpha, self.beta, self.gamma)
+        return _ALGORITHM_NAMES[code]
 
     def pick(self, collective: str, nbytes: int, p: int, setting: str = "") -> str:
         """What algorithm="auto" runs: PYCOMM_ALGO's choice (`setting`) for `collective` if

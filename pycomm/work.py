@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from pycomm.errors import CommError, CommMismatchError, CommTimeoutError
+
 
 class Work:
     """Handle of an asynchronous operation."""
@@ -74,6 +76,54 @@ class Work:
 
         self.add_done_callback(done)
         return fut
+
+
+_KINDS = {1: CommError, 2: CommTimeoutError, 3: CommMismatchError}
+
+
+class QueuedWork(Work):
+    """An operation on a group's in-order worker (pycomm._C.Worker), done when its
+    Completion says so.  A Python job stores its result or its error here; a native job
+    (a collective run without the GIL) reports through the Completion."""
+
+    def __init__(self, keep=(), outputs=None):
+        self._keep = keep  # alive until the operation is done
+        self._outputs = outputs
+        self._error: BaseException | None = None
+        self._completion = None  # set by Group.run right after submitting
+
+    def _done(self) -> bool:
+        return self._completion is not None and self._completion.done()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._completion.wait(-1.0 if timeout is None else timeout):
+            raise TimeoutError(f"pycomm: operation not complete within {timeout} s")
+        err = self.exception()
+        if err is not None:
+            raise err
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done()
+
+    def is_success(self) -> bool:
+        return self._done() and self.exception() is None
+
+    def exception(self) -> BaseException | None:
+        if not self._done():
+            return None
+        if self._error is None and self._completion.kind:
+            self._error = _KINDS.get(self._completion.kind, RuntimeError)(self._completion.message)
+        return self._error
+
+    def result(self) -> list[torch.Tensor]:
+        self.wait()
+        self._keep = ()
+        out = self._outputs
+        return list(out) if isinstance(out, (list, tuple)) else ([] if out is None else [out])
+
+    def add_done_callback(self, fn: Callable[["Work"], None]) -> None:
+        self._completion.on_done(lambda: fn(self))
 
 
 def completed(outputs=(), error: BaseException | None = None) -> Work:

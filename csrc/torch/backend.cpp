@@ -40,6 +40,13 @@ class AdapterWork : public c10d::Work {
       finish(e);
     }
   }
+  bool wait(std::chrono::milliseconds timeout) override {
+    // A small collective finishes in microseconds: spin briefly before blocking.
+    auto start = std::chrono::steady_clock::now();
+    while (!isCompleted() && std::chrono::steady_clock::now() - start < std::chrono::microseconds(50)) {
+    }
+    return Work::wait(timeout);
+  }
   std::vector<at::Tensor> result() override {
     std::lock_guard<std::mutex> lock(mutex_);
     return outputs_;
@@ -69,6 +76,36 @@ std::string opName(const c10d::ReduceOp& op) {
     case c10d::ReduceOp::BOR: return "bor";
     case c10d::ReduceOp::BXOR: return "bxor";
     default: return "premul_sum";
+  }
+}
+
+// pycomm's code of a type reduced as itself (not half, not complex), or -1.
+int nativeType(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kByte: return int(DType::U8);
+    case at::kChar: return int(DType::I8);
+    case at::kShort: return int(DType::I16);
+    case at::kInt: return int(DType::I32);
+    case at::kLong: return int(DType::I64);
+    case at::kFloat: return int(DType::F32);
+    case at::kDouble: return int(DType::F64);
+    case at::kBool: return int(DType::Bool);
+    default: return -1;
+  }
+}
+
+// The op's code where it applies to the type as is, or -1 (avg, premul_sum, and bitwise ops
+// on floats take the Python path, which adjusts or explains).
+int nativeOp(const c10d::ReduceOp& op, bool floating) {
+  switch (op.op_) {
+    case c10d::ReduceOp::SUM: return int(RedOp::Sum);
+    case c10d::ReduceOp::PRODUCT: return int(RedOp::Prod);
+    case c10d::ReduceOp::MIN: return int(RedOp::Min);
+    case c10d::ReduceOp::MAX: return int(RedOp::Max);
+    case c10d::ReduceOp::BAND: return floating ? -1 : int(RedOp::Band);
+    case c10d::ReduceOp::BOR: return floating ? -1 : int(RedOp::Bor);
+    case c10d::ReduceOp::BXOR: return floating ? -1 : int(RedOp::Bxor);
+    default: return -1;
   }
 }
 
@@ -122,8 +159,43 @@ c10::intrusive_ptr<c10d::Work> TorchBackend::broadcast(std::vector<at::Tensor>& 
               seconds(opts.timeout));
 }
 
+void TorchBackend::enableNative(std::shared_ptr<Worker> worker, std::shared_ptr<Communicator> comm,
+                                CostModel model, const std::string& algo, double timeoutS) {
+  native_ = std::make_unique<Native>(
+      Native{std::move(worker), std::move(comm), model, algoOverride(algo, Coll::AllReduce), timeoutS});
+}
+
+c10::intrusive_ptr<c10d::Work> TorchBackend::nativeAllReduce(const at::Tensor& t, const c10d::ReduceOp& op) {
+  if (!native_ || !t.device().is_cpu() || t.layout() != at::kStrided || !t.is_contiguous() ||
+      t.is_neg() || t.is_conj())
+    return {};
+  const int dtype = nativeType(t);
+  const int rop = dtype < 0 ? -1 : nativeOp(op, at::isFloatingType(t.scalar_type()));
+  if (rop < 0) return {};
+  const Native& n = *native_;
+  const size_t bytes = size_t(t.numel()) * t.element_size();
+  Algo algo = n.forced != Algo::None ? n.forced : choose(n.model, Coll::AllReduce, double(bytes), getSize());
+  ++seq_;
+  auto work = c10::make_intrusive<AdapterWork>(c10d::OpType::ALLREDUCE, "allreduce");
+  char* p = static_cast<char*>(t.data_ptr());
+  CollArgs a{Coll::AllReduce, algo, getSize(), p, p, nullptr, size_t(t.numel()), 0, -1};
+  auto comm = n.comm;
+  const double timeout = n.timeout;
+  // The job holds the tensor (and so its storage) until it has run.
+  std::shared_ptr<Completion> done = n.worker->submit(
+      [comm, a, t, dtype, rop, timeout] { comm->collective(a, DType(dtype), RedOp(rop), timeout); });
+  std::weak_ptr<Completion> weak = done;
+  done->onDone([work, weak, t] {
+    auto c = weak.lock();
+    work->complete({t}, -1, c && c->kind() != Completion::None ? c->message() : std::string());
+  });
+  return work;
+}
+
 c10::intrusive_ptr<c10d::Work> TorchBackend::allreduce(std::vector<at::Tensor>& tensors,
                                                        const c10d::AllreduceOptions& opts) {
+  if (tensors.size() == 1)
+    if (auto work = nativeAllReduce(tensors[0], opts.reduceOp)) return work;
   return call(c10d::OpType::ALLREDUCE, "allreduce", tensors, opName(opts.reduceOp), seconds(opts.timeout));
 }
 
@@ -249,7 +321,15 @@ void bindTorchBackend(py::module_& m) {
   py::module_::import("torch.distributed");  // registers c10d::Backend with pybind
   py::class_<TorchBackend, c10d::Backend, c10::intrusive_ptr<TorchBackend>>(m, "TorchBackend")
       .def(py::init<int, int, py::object>(), py::arg("rank"), py::arg("size"), py::arg("adapter"),
-           "the c10d backend over `adapter` (pycomm.c10d.Adapter)");
+           "the c10d backend over `adapter` (pycomm.c10d.Adapter)")
+      .def(
+          "enable_native",
+          [](TorchBackend& b, std::shared_ptr<Worker> worker, std::shared_ptr<Communicator> comm,
+             double alpha, double beta, double gamma, const std::string& algo, double timeout) {
+            b.enableNative(std::move(worker), std::move(comm), CostModel{alpha, beta, gamma}, algo, timeout);
+          },
+          py::arg("worker"), py::arg("communicator"), py::arg("alpha"), py::arg("beta"), py::arg("gamma"),
+          py::arg("algo"), py::arg("timeout"));
 }
 
 }  // namespace pycomm

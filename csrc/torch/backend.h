@@ -14,8 +14,13 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include <atomic>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "algorithms/cost.h"
+#include "communicator.h"
+#include "worker.h"
 
 namespace pycomm {
 
@@ -81,13 +86,31 @@ class TorchBackend : public c10d::Backend {
   void abort() override;
   void shutdown() override;
 
+  // The native path: an all-reduce of one CPU tensor that needs nothing adjusted (dense,
+  // contiguous, a type reduced as itself, an op other than avg) goes straight to the group's
+  // worker as a collective of the table, without the GIL; anything else goes through the
+  // Python adapter, which checks it and says what is wrong.  Algorithm as "auto" picks:
+  // PYCOMM_ALGO's choice (`algo`, parsed now), else the cost model.
+  void enableNative(std::shared_ptr<Worker> worker, std::shared_ptr<Communicator> comm,
+                    CostModel model, const std::string& algo, double timeoutS);
+
  private:
   // adapter.<method>(*args): the returned pycomm Work becomes a c10d::Work of `type`.
   template <typename... Args>
   c10::intrusive_ptr<c10d::Work> call(c10d::OpType type, const char* method, Args&&... args);
 
+  c10::intrusive_ptr<c10d::Work> nativeAllReduce(const at::Tensor& t, const c10d::ReduceOp& op);
+
   pybind11::object adapter_;
   std::atomic<uint64_t> seq_{0};
+  struct Native {
+    std::shared_ptr<Worker> worker;
+    std::shared_ptr<Communicator> comm;
+    CostModel model;
+    Algo forced;  // PYCOMM_ALGO's all_reduce choice, or Algo::None
+    double timeout;
+  };
+  std::unique_ptr<Native> native_;
 };
 
 }  // namespace pycomm

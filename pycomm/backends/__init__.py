@@ -94,9 +94,15 @@ class Backend:
 
     def all_reduce(self, t: torch.Tensor, op: Op, algorithm: str, async_op: bool):
         algo = self.pick("all_reduce", algorithm, t.numel() * t.element_size())
-        if not async_op and self.inline and not op.avg and t.dtype not in HALF and self.group.idle():
-            self._all_reduce(t, op, algo)  # the latency-bound common case: nothing to adjust
-            return None
+        if self.inline and not op.avg and t.dtype not in HALF:
+            # The latency-bound common case: nothing to adjust, so no Python around the call.
+            if not async_op and self.group.idle():
+                self._all_reduce(t, op, algo)
+                return None
+            if async_op:
+                work = self._queue_all_reduce(t, op, algo)
+                if work is not None:
+                    return work
 
         def run():
             buf = _acc(t)
@@ -246,6 +252,11 @@ class Backend:
     def _all_to_all(self, out, inp, out_counts, in_counts):
         # count 0: ranks' own counts differ; the row identifies the call by the counts per message
         self._table("all_to_all", "pairwise", out, inp, 0, send_counts=in_counts, recv_counts=out_counts)
+
+    def _queue_all_reduce(self, t: torch.Tensor, op: Op, algo: str) -> Work | None:
+        """An asynchronous all_reduce queued as a native job (no Python on the worker), or
+        None where the transport has none."""
+        return None
 
     def _barrier(self) -> None:
         raise NotImplementedError

@@ -57,6 +57,10 @@ class ShmBackend(Backend):
         self.comm.collective(_ALL_REDUCE, ALGORITHMS[algo], ptr, ptr, buf.numel(), DTYPES[buf.dtype],
                              op.code, -1, self.timeout)
 
+    def _queue_all_reduce(self, t, op, algo):
+        return self.group.queue_native(self.comm, _ALL_REDUCE, ALGORITHMS[algo], t, t, t.numel(),
+                                       DTYPES[t.dtype], op.code, -1, (t,))
+
     def _barrier(self) -> None:
         self.comm.barrier(self.timeout)
 
