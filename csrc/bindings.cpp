@@ -18,7 +18,8 @@ namespace py = pybind11;
 using namespace pycomm;
 
 namespace pycomm {
-void bindTorchBackend(py::module_& m);  // torch/backend.cpp: the only file with torch headers
+void bindTorchBackend(py::module_& m);  // torch/: the only files with torch headers
+void bindStorage(py::module_& m);
 }
 
 namespace {
@@ -191,6 +192,7 @@ PYBIND11_MODULE(_C, m) {
       });
 
   bindTorchBackend(m);
+  bindStorage(m);
 
   // The codes of csrc/common.h by name, and the collective table's rows: Python reads them
   // here instead of keeping copies.

@@ -41,12 +41,12 @@ def make_store(rank: int, world_size: int, init_method: str | None, timeout: dat
             )
         # torchrun's agent already serves the store on MASTER_PORT: connect as clients.
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        return dist.TCPStore(addr, int(port), world_size, rank == 0 and not agent, timeout=timeout)
+        return _tcp_store(addr, int(port), world_size, rank == 0 and not agent, timeout)
     url = urllib.parse.urlparse(init_method)
     if url.scheme == "tcp":
         if not url.hostname or not url.port:
             raise ValueError(f"init_method {init_method!r} needs a host and a port: 'tcp://host:port'")
-        return dist.TCPStore(url.hostname, url.port, world_size, rank == 0, timeout=timeout)
+        return _tcp_store(url.hostname, url.port, world_size, rank == 0, timeout)
     if url.scheme == "file":
         path = urllib.parse.unquote(url.path)
         if not path:
@@ -56,6 +56,18 @@ def make_store(rank: int, world_size: int, init_method: str | None, timeout: dat
         store.set_timeout(timeout)
         return store
     raise ValueError(f"init_method {init_method!r}: use 'env://', 'tcp://host:port' or 'file:///path'")
+
+
+def _tcp_store(host: str, port: int, world_size: int, master: bool,
+               timeout: datetime.timedelta) -> dist.TCPStore:
+    """A TCP store that does not wait for the other ranks itself: start-up waits for their
+    keys instead (agree()), so a rank that never comes is named."""
+    try:
+        return dist.TCPStore(host, port, world_size, master, timeout=timeout, wait_for_workers=False)
+    except (RuntimeError, OSError) as e:
+        who = "serve" if master else "reach rank 0's"
+        raise CommError(f"pycomm: could not {who} rendezvous store at {host}:{port} within "
+                        f"{timeout.total_seconds():.1f} s: {e}") from e
 
 
 def _private_file(path: str, init_method: str) -> None:

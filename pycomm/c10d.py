@@ -287,7 +287,9 @@ class Adapter:
             cpu._barrier()
             return []
 
-        return self.group.run(run, True)
+        work = self.group.run(run, True)
+        assert work is not None  # async_op=True always returns the Work
+        return work
 
     def monitored_barrier(self, timeout, wait_all_ranks: bool):
         return self.barrier(timeout)

@@ -46,6 +46,10 @@ def _tensor(fn: str, arg: str, t) -> torch.Tensor:
         raise ValueError(
             f"pycomm.{fn}: {arg} is on {t.device}; pycomm moves CPU tensors (shared memory) and "
             "CUDA tensors (CUDA IPC, NCCL): pass t.cpu() or a CUDA tensor")
+    if t.is_neg() or t.is_conj():
+        # a lazily negated or conjugated view: its memory does not hold the values it shows
+        raise ValueError(f"pycomm.{fn}: {arg} is a negated or conjugated view; pass "
+                         "t.resolve_neg() / t.resolve_conj() (and copy the result back)")
     if t.dtype not in _codes.DTYPES:
         if t.dtype in _codes.COMPLEX and t.is_contiguous():
             return torch.view_as_real(t)

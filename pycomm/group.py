@@ -22,30 +22,43 @@ from pycomm import _C
 from pycomm._settings import Settings
 from pycomm.errors import CommError
 from pycomm.tuning import CostModel
-from pycomm.work import QueuedWork, Work
+from pycomm.work import QueuedWork, Work, storage_changed
 
 if TYPE_CHECKING:
     from pycomm.backends import Backend
 
 
-def _checked(fn: Callable, keep: tuple) -> Callable:
-    """fn, then a check that no tensor of the operation changed its storage meanwhile (set_,
-    resize_): the bytes went to the old storage, which `keep` held alive."""
-    if not keep:
-        return fn
-    before = [(t, t.data_ptr()) for t in keep]
+def _pin(tensors: tuple) -> None:
+    """Their storages cannot be resized until _unpin (csrc/torch/storage.cpp says why)."""
+    for t in tensors:
+        _C.pin_storage(t)
 
-    def run():
-        out = fn()
-        for t, ptr in before:
-            if t.data_ptr() != ptr:
-                raise ValueError(
-                    "pycomm: a tensor of this operation got new storage while the operation ran "
-                    "(set_(), resize_() or similar); its result is in the old storage and lost. "
-                    "Do not change a tensor's storage before its Work has completed")
-        return out
 
-    return run
+def _unpin(tensors: tuple) -> None:
+    for t in tensors:
+        _C.unpin_storage(t)
+
+
+class _Watch:
+    """What an asynchronous job needs to run safely while the caller goes on: aliases of
+    the caller's tensors (their own shape, so a resize_() the pin refused, which leaves the
+    caller's tensor claiming more than its storage, cannot mislead the job), the storages
+    pinned and held, and a check afterwards that the caller's tensors still use them
+    (set_() swaps a tensor's storage: the result landed in the old one)."""
+
+    def __init__(self, tensors: tuple):
+        self.originals = tuple(t for t in tensors if t is not None)
+        self.aliases = tuple(None if t is None else t.detach() for t in tensors)
+        self.ptrs = [(t, t.data_ptr(), t.numel()) for t in self.originals]
+        _pin(self.originals)
+
+    def check(self) -> None:
+        for t, ptr, n in self.ptrs:
+            if t.data_ptr() != ptr or t.numel() != n:
+                raise storage_changed()
+
+    def release(self) -> None:
+        _unpin(self.originals)
 
 
 @dataclass(eq=False)
@@ -98,40 +111,55 @@ class Group:
 
     # ------------------------------------------------------------------ order
 
-    def run(self, fn: Callable, async_op: bool, keep: tuple = ()) -> Work | None:
-        """fn() now (async_op=False; returns None) or on the group's worker thread, after
-        everything queued before it (returns its Work).  `keep`: the operation's tensors,
-        held (storage included) until it is done."""
+    def run(self, fn: Callable[..., object], async_op: bool, tensors: tuple = ()) -> Work | None:
+        """fn(*tensors) now (async_op=False; returns None), or on the group's worker thread
+        after everything queued before it (returns its Work; _Watch keeps the tensors safe
+        meanwhile)."""
         if self._closed:
             raise RuntimeError("pycomm: this group was destroyed; call init_process_group again")
         if async_op:
-            work = QueuedWork(keep + tuple(t.untyped_storage() for t in keep))
-            checked = _checked(fn, keep)
+            watch = _Watch(tensors)
+            work = QueuedWork(watch.originals + tuple(t.untyped_storage() for t in watch.originals))
 
             def job():
                 self._worker_ident = threading.get_ident()
                 try:
-                    work._outputs = checked()
+                    # Always run (the peers do): a changed storage is reported afterwards.
+                    work._outputs = fn(*watch.aliases)
+                    watch.check()
                 except BaseException as e:  # noqa: BLE001 - delivered by Work.wait()
                     work._error = e
+                finally:
+                    watch.release()
 
-            work._completion = self.worker.submit(job)
+            try:
+                work._completion = self.worker.submit(job)
+            except BaseException:
+                watch.release()
+                raise
             return work
         if not self.worker.idle() and threading.get_ident() != self._worker_ident:
             # Earlier async operations first (their errors belong to their own Work).  On
             # the worker itself (a done-callback) everything earlier has finished already.
             self.worker.drain()
-        fn()
+        fn(*tensors)
         return None
 
     def queue_native(self, comm, coll: int, algo: int, out: torch.Tensor, inp: torch.Tensor,
-                     count: int, dtype: int, op: int, root: int, keep: tuple) -> Work:
-        """A collective of the table on the worker, run without the GIL (backends/shm.py)."""
+                     count: int, dtype: int, op: int, root: int) -> Work:
+        """A collective of the table on the worker, run without the GIL (backends/shm.py);
+        pointers and counts are taken now, the storages pinned until it has run."""
         if self._closed:
             raise RuntimeError("pycomm: this group was destroyed; call init_process_group again")
-        work = QueuedWork(keep + tuple(t.untyped_storage() for t in keep), list(keep[:1]))
-        work._completion = self.worker.submit_collective(
-            comm, coll, algo, out.data_ptr(), inp.data_ptr(), count, dtype, op, root, self.timeout)
+        watch = _Watch((out,) if out is inp else (out, inp))
+        work = QueuedWork(watch.originals + tuple(t.untyped_storage() for t in watch.originals), [out])
+        try:
+            work._completion = self.worker.submit_collective(
+                comm, coll, algo, out.data_ptr(), inp.data_ptr(), count, dtype, op, root, self.timeout)
+        except BaseException:
+            watch.release()
+            raise
+        work._completion.on_done(watch.release)
         return work
 
     def idle(self) -> bool:

@@ -88,6 +88,7 @@ class QueuedWork(Work):
 
     def __init__(self, keep=(), outputs=None):
         self._keep = keep  # alive until the operation is done
+        self._ptrs = [(t, t.data_ptr(), t.numel()) for t in keep if isinstance(t, torch.Tensor)]
         self._outputs = outputs
         self._error: BaseException | None = None
         self._completion = None  # set by Group.run right after submitting
@@ -114,6 +115,9 @@ class QueuedWork(Work):
             return None
         if self._error is None and self._completion.kind:
             self._error = _KINDS.get(self._completion.kind, RuntimeError)(self._completion.message)
+        if self._error is None and any(t.data_ptr() != ptr or t.numel() != n for t, ptr, n in self._ptrs):
+            self._error = storage_changed()
+        self._ptrs = []
         return self._error
 
     def result(self) -> list[torch.Tensor]:
@@ -124,6 +128,13 @@ class QueuedWork(Work):
 
     def add_done_callback(self, fn: Callable[["Work"], None]) -> None:
         self._completion.on_done(lambda: fn(self))
+
+
+def storage_changed() -> ValueError:
+    return ValueError(
+        "pycomm: a tensor of this operation got new storage or a new size while the operation "
+        "ran (set_(), resize_() or similar); the result went to the storage and shape it had "
+        "when the operation was called. Do not change a tensor before its Work has completed")
 
 
 def completed(outputs=(), error: BaseException | None = None) -> Work:

@@ -10,6 +10,9 @@ namespace py = pybind11;
 
 namespace pycomm {
 
+void pinStorage(const at::Tensor& t);    // torch/storage.cpp
+void unpinStorage(const at::Tensor& t);
+
 namespace {
 
 // A c10d::Work completed by the pycomm Work it stands for (from a done-callback).
@@ -181,9 +184,21 @@ c10::intrusive_ptr<c10d::Work> TorchBackend::nativeAllReduce(const at::Tensor& t
   CollArgs a{Coll::AllReduce, algo, getSize(), p, p, nullptr, size_t(t.numel()), 0, -1};
   auto comm = n.comm;
   const double timeout = n.timeout;
-  // The job holds the tensor (and so its storage) until it has run.
-  std::shared_ptr<Completion> done = n.worker->submit(
-      [comm, a, t, dtype, rop, timeout] { comm->collective(a, DType(dtype), RedOp(rop), timeout); });
+  // The job holds the tensor, and its storage pinned, until it has run.
+  pinStorage(t);
+  std::shared_ptr<Completion> done;
+  try {
+    done = n.worker->submit([comm, a, t, dtype, rop, timeout] {
+      struct Unpin {
+        const at::Tensor& t;
+        ~Unpin() { unpinStorage(t); }
+      } unpin{t};
+      comm->collective(a, DType(dtype), RedOp(rop), timeout);
+    });
+  } catch (...) {
+    unpinStorage(t);
+    throw;
+  }
   std::weak_ptr<Completion> weak = done;
   done->onDone([work, weak, t] {
     auto c = weak.lock();

@@ -71,11 +71,12 @@ class Backend:
 
     # ------------------------------------------------------------------ policy
 
-    def submit(self, name: str, fn: Callable[[], list], keep: tuple, async_op: bool,
+    def submit(self, name: str, fn: Callable[..., list], tensors: tuple, async_op: bool,
                algo: str = "auto") -> Work | None:
-        """Runs fn in the group's call order (pycomm.group.Group.run).  `algo`: the call's
-        algorithm as pick() returned it (transports that pick per call read it)."""
-        return self.group.run(fn, async_op, keep)
+        """Runs fn(*tensors) in the group's call order (pycomm.group.Group.run: asynchronous
+        jobs get aliases of the tensors, None stays None).  `algo`: the call's algorithm as
+        pick() returned it (transports that pick per call read it)."""
+        return self.group.run(fn, async_op, tensors)
 
     def pick(self, collective: str, algorithm: str, nbytes: int) -> str:
         algo = self.group.pick(collective, algorithm, nbytes)
@@ -104,7 +105,7 @@ class Backend:
                 if work is not None:
                     return work
 
-        def run():
+        def run(t):
             buf = _acc(t)
             self._all_reduce(buf, op, algo)
             _finish(buf, t, op, self.size)
@@ -119,7 +120,7 @@ class Backend:
         n = out.numel()
         in_place = n > 0 and out.data_ptr() == inp.data_ptr() + self.rank * n * inp.element_size()
 
-        def run():
+        def run(out, inp):
             src = _acc(inp)
             if src is inp:
                 dst = out
@@ -135,7 +136,7 @@ class Backend:
         """inp may be out's own chunk."""
         algo = self.pick("all_gather", algorithm, out.numel() * out.element_size())
 
-        def run():
+        def run(out, inp):
             self._all_gather(out, inp, algo)
             return [out]
 
@@ -144,7 +145,7 @@ class Backend:
     def broadcast(self, t: torch.Tensor, root: int, algorithm: str, async_op: bool):
         algo = self.pick("broadcast", algorithm, t.numel() * t.element_size())
 
-        def run():
+        def run(t):
             self._broadcast(t, root, algo)
             return [t]
 
@@ -153,7 +154,7 @@ class Backend:
     def reduce(self, t: torch.Tensor, root: int, op: Op, algorithm: str, async_op: bool):
         algo = self.pick("reduce", algorithm, t.numel() * t.element_size())
 
-        def run():
+        def run(t):
             src = _acc(t)
             self._reduce(src, src, root, op, algo)  # in place on the root, untouched elsewhere
             if self.rank == root:
@@ -168,12 +169,11 @@ class Backend:
         nbytes = inp.numel() * inp.element_size() * self.size
         algo = self.pick("gather", algorithm, nbytes)
 
-        def run():
+        def run(out, inp):
             self._gather(out if self.rank == root else None, inp, root, algo)
             return [out] if self.rank == root else []
 
-        keep = (out, inp) if out is not None else (inp,)
-        return self.submit("gather", run, keep, async_op, algo)
+        return self.submit("gather", run, (out, inp), async_op, algo)
 
     def scatter(self, out: torch.Tensor, inp: torch.Tensor | None, root: int, algorithm: str,
                 async_op: bool):
@@ -181,12 +181,11 @@ class Backend:
         nbytes = out.numel() * out.element_size() * self.size
         algo = self.pick("scatter", algorithm, nbytes)
 
-        def run():
+        def run(out, inp):
             self._scatter(out, inp if self.rank == root else None, root, algo)
             return [out]
 
-        keep = (out, inp) if inp is not None else (out,)
-        return self.submit("scatter", run, keep, async_op, algo)
+        return self.submit("scatter", run, (out, inp), async_op, algo)
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_counts: Sequence[int],
                    in_counts: Sequence[int], async_op: bool):
@@ -194,7 +193,7 @@ class Backend:
         if self.group.settings.debug:
             self.log("all_to_all", inp.numel() * inp.element_size(), self.describe("all_to_all", "pairwise"))
 
-        def run():
+        def run(out, inp):
             self._all_to_all(out, inp, list(out_counts), list(in_counts))
             return [out]
 

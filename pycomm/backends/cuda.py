@@ -358,35 +358,37 @@ class CudaBackend(Backend):
             self.log(collective, nbytes, f"{algo} over NCCL point-to-point")
         return algo
 
-    def submit(self, name: str, fn: Callable[[], list], keep: tuple, async_op: bool,
+    def submit(self, name: str, fn: Callable[..., list], tensors: tuple, async_op: bool,
                algo: str = "auto") -> Work | None:
-        """IPC: runs fn on the group's stream in the group's call order, blocking the host per
-        phase (async: on the group's worker).  NCCL: enqueues fn's work on the group's
-        stream after the caller's and returns an event-backed Work."""
-        tensors = [t for t in keep if isinstance(t, torch.Tensor) and t.is_cuda]
-        st = self._state(tensors[0].device if tensors else torch.device("cuda"))
+        """IPC: runs fn(*tensors) on the group's stream in the group's call order, blocking
+        the host per phase (async: on the group's worker).  NCCL: enqueues fn's work on the
+        group's stream after the caller's and returns an event-backed Work (the stream
+        orders it; the tensors are recorded on the stream so the allocator keeps them)."""
+        cuda = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda]
+        st = self._state(cuda[0].device if cuda else torch.device("cuda"))
         caller = torch.cuda.current_stream(st.device)
         if self._via(algo) == "ipc" or name == "barrier":
-            def run():
+            def run(*ts):
                 st.stream.wait_stream(caller)
                 with torch.cuda.stream(st.stream):
-                    out = fn()
-                for t in tensors:
-                    t.record_stream(st.stream)
+                    out = fn(*ts)
+                for t in ts:
+                    if t is not None and t.is_cuda:
+                        t.record_stream(st.stream)
                 caller.wait_stream(st.stream)
                 return out
 
-            return self.group.run(run, async_op, keep)
+            return self.group.run(run, async_op, tensors)
         st.stream.wait_stream(caller)
         with torch.cuda.stream(st.stream):
-            outputs = fn()
-        for t in tensors:
-            t.record_stream(st.stream)  # the caching allocator must not reuse them early
+            outputs = fn(*tensors)
+        for t in cuda:
+            t.record_stream(st.stream)
         event = torch.cuda.Event()
         event.record(st.stream)
         st.seq += 1
         self._watch(st, name, event)
-        work = CudaWork(st, event, outputs, keep)
+        work = CudaWork(st, event, outputs, tuple(cuda))
         if async_op:
             return work
         work.wait()
@@ -526,10 +528,10 @@ class CudaBackend(Backend):
         if self.group.settings.debug:
             self.log("send/recv", sum(t.numel() * t.element_size() for t in tensors), "NCCL point-to-point")
 
-        def run():
-            comm.p2p([(k, t.data_ptr(), t.numel() * t.element_size(), p) for k, p, t, _ in items],
-                     st.stream.cuda_stream)
-            return tensors
+        def run(*ts):
+            comm.p2p([(k, t.data_ptr(), t.numel() * t.element_size(), p)
+                      for (k, p, _, _), t in zip(items, ts)], st.stream.cuda_stream)
+            return list(ts)
 
         work = self.submit("send/recv", run, tuple(tensors), True)
         assert work is not None  # async_op=True always returns the Work

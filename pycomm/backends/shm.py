@@ -59,7 +59,7 @@ class ShmBackend(Backend):
 
     def _queue_all_reduce(self, t, op, algo):
         return self.group.queue_native(self.comm, _ALL_REDUCE, ALGORITHMS[algo], t, t, t.numel(),
-                                       DTYPES[t.dtype], op.code, -1, (t,))
+                                       DTYPES[t.dtype], op.code, -1)
 
     def _barrier(self) -> None:
         self.comm.barrier(self.timeout)
