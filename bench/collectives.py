@@ -29,9 +29,18 @@ import platform
 import sys
 import time
 
-OPS = ("all_reduce", "reduce_scatter", "all_gather")
+from bench import mpi as bench_mpi
+
+OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "gather", "scatter",
+       "all_to_all")
+DEFAULT_OPS = OPS
+# nccl-tests' bus factors (doc/PERFORMANCE.md): busbw = algbw x factor(n).
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
-              "all_gather": lambda n: (n - 1) / n}
+              "all_gather": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
+              "reduce": lambda n: 1.0, "gather": lambda n: (n - 1) / n,
+              "scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n}
+REDUCES = ("all_reduce", "reduce_scatter", "reduce")
+ROOT = 0  # rooted collectives run from rank 0, as nccl-tests' default
 
 
 def parse_size(text: str) -> int:
@@ -58,22 +67,75 @@ def _iters_for(nbytes: int, requested: int | None) -> int:
 
 
 def _verifiable(op, rank, n_ranks, count, dtype):
-    """(input, output, expected) with small-integer values so results are exact."""
+    """(input, output, expected) with small-integer values so results are exact; `count` is
+    the elements of the row's size (nccl-tests: the biggest buffer).  expected is None where
+    this rank's output is not defined (a rooted collective's other ranks)."""
     import torch
 
     def block(r, n):
         return ((torch.arange(n) * 7 + r * 3) % 17).to(dtype)
 
+    per = count // n_ranks
     if op == "all_reduce":
         inp = block(rank, count)
         return inp, inp, sum(block(r, count).double() for r in range(n_ranks)).to(dtype)
+    if op == "reduce":
+        inp = block(rank, count)
+        want = sum(block(r, count).double() for r in range(n_ranks)).to(dtype)
+        return inp, inp, want if rank == ROOT else None
+    if op == "broadcast":
+        inp = block(rank, count)
+        return inp, inp, block(ROOT, count)
     if op == "reduce_scatter":
-        per = count // n_ranks
         total = sum(block(r, count).double() for r in range(n_ranks)).to(dtype)
         return block(rank, count), torch.empty(per, dtype=dtype), total[rank * per:(rank + 1) * per]
-    per = count // n_ranks
-    return (block(rank, per), torch.empty(count, dtype=dtype),
-            torch.cat([block(r, per) for r in range(n_ranks)]))
+    if op == "all_gather":
+        return (block(rank, per), torch.empty(count, dtype=dtype),
+                torch.cat([block(r, per) for r in range(n_ranks)]))
+    if op == "gather":
+        want = torch.cat([block(r, per) for r in range(n_ranks)])
+        return block(rank, per), torch.empty(count, dtype=dtype), want if rank == ROOT else None
+    if op == "scatter":
+        inp = torch.cat([block(r, per) for r in range(n_ranks)]) if rank == ROOT else torch.empty(count, dtype=dtype)
+        return inp, torch.empty(per, dtype=dtype), block(rank, per)
+    # all_to_all: block j of rank r's input goes to rank j
+    inp = torch.cat([block(rank * n_ranks + j, per) for j in range(n_ranks)])
+    return inp, torch.empty_like(inp), torch.cat([block(j * n_ranks + rank, per) for j in range(n_ranks)])
+
+
+def _pycomm_call(op, inp, out, algorithm):
+    """The pycomm call of one row (a callable, timed as is)."""
+    import pycomm
+
+    return {
+        "all_reduce": lambda: pycomm.all_reduce(inp, algorithm=algorithm),
+        "reduce": lambda: pycomm.reduce(inp, ROOT, algorithm=algorithm),
+        "broadcast": lambda: pycomm.broadcast(inp, ROOT, algorithm=algorithm),
+        "reduce_scatter": lambda: pycomm.reduce_scatter(out, inp, algorithm=algorithm),
+        "all_gather": lambda: pycomm.all_gather(out, inp, algorithm=algorithm),
+        "gather": lambda: pycomm.gather(out, inp, ROOT, algorithm=algorithm),
+        "scatter": lambda: pycomm.scatter(out, inp, ROOT, algorithm=algorithm),
+        "all_to_all": lambda: pycomm.all_to_all(out, inp),
+    }[op]
+
+
+def _gloo_call(op, inp, out, n):
+    """The same row with torch.distributed (gloo is the default group)."""
+    import torch.distributed as dist
+
+    per = out.numel() // n if op == "gather" else inp.numel() // n
+    return {
+        "all_reduce": lambda: dist.all_reduce(inp),
+        "reduce": lambda: dist.reduce(inp, ROOT),
+        "broadcast": lambda: dist.broadcast(inp, ROOT),
+        "reduce_scatter": lambda: dist.reduce_scatter_tensor(out, inp),
+        "all_gather": lambda: dist.all_gather_into_tensor(out, inp),
+        "gather": lambda: dist.gather(inp, [out[r * per:(r + 1) * per] for r in range(n)]
+                                      if dist.get_rank() == ROOT else None, dst=ROOT),
+        "scatter": lambda: dist.scatter(out, [inp[r * per:(r + 1) * per] for r in range(n)]
+                                        if dist.get_rank() == ROOT else None, src=ROOT),
+        "all_to_all": lambda: dist.all_to_all_single(out, inp),
+    }[op]
 
 
 def _rank_main(cfg: dict):
@@ -154,51 +216,37 @@ def _rank_main(cfg: dict):
     try:
         for op, size in tasks:
             count = max(size // esize, 1)
-            if op != "all_reduce":
+            if op != "all_reduce" and op not in ("reduce", "broadcast"):
                 count = max(count // n, 1) * n  # whole blocks per rank
             nbytes = count * esize
             iters = _iters_for(nbytes, cfg["iters"])
-            inp, out, want = (t.to(dev) for t in _verifiable(op, rank, n, count, dtype))
+            inp, out, want = (t.to(dev) if t is not None else None for t in _verifiable(op, rank, n, count, dtype))
             row_gloo = None
             copy_s = copy_seconds(nbytes, iters) if cuda else None
             if cfg["gloo"]:
-                g_in, g_out = inp.clone(), out.clone()
-                gfn = {
-                    "all_reduce": lambda: dist.all_reduce(g_in),
-                    "reduce_scatter": lambda: dist.reduce_scatter_tensor(g_out, g_in),
-                    "all_gather": lambda: dist.all_gather_into_tensor(g_out, g_in),
-                }[op]
                 try:
-                    row_gloo = timed(gfn, iters, cfg["warmup"])
+                    row_gloo = timed(_gloo_call(op, inp.clone(), out.clone(), n), iters, cfg["warmup"])
                 except RuntimeError as e:  # an op gloo does not implement
                     row_gloo = str(e).splitlines()[0]
             for algorithm in cfg["algorithms"]:
-                src = inp.clone()
-                if op == "all_reduce":
-                    fn = lambda: pycomm.all_reduce(src, algorithm=algorithm)  # noqa: E731
-                elif op == "reduce_scatter":
-                    fn = lambda: pycomm.reduce_scatter(out, src, algorithm=algorithm)  # noqa: E731
-                else:
-                    fn = lambda: pycomm.all_gather(out, src, algorithm=algorithm)  # noqa: E731
-                seconds = timed(fn, iters, cfg["warmup"])
+                if op == "all_to_all" and algorithm != cfg["algorithms"][0]:
+                    continue  # one algorithm (pairwise)
+                seconds = timed(_pycomm_call(op, inp.clone(), out, algorithm), iters, cfg["warmup"])
                 # Check once, outside the timing, on fresh inputs.
-                chk_in, chk_out, chk_want = (t.to(dev) for t in _verifiable(op, rank, n, count, dtype))
-                if op == "all_reduce":
-                    pycomm.all_reduce(chk_in, algorithm=algorithm)
-                    chk_out = chk_in
-                elif op == "reduce_scatter":
-                    pycomm.reduce_scatter(chk_out, chk_in, algorithm=algorithm)
-                else:
-                    pycomm.all_gather(chk_out, chk_in, algorithm=algorithm)
+                chk_in, chk_out, chk_want = (t.to(dev) if t is not None else None
+                                             for t in _verifiable(op, rank, n, count, dtype))
+                _pycomm_call(op, chk_in, chk_out, algorithm)()
+                got = chk_in if op in ("all_reduce", "reduce", "broadcast") else chk_out
                 sync()
-                wrong = torch.tensor([int((chk_out != chk_want).sum())], dtype=torch.int64)
+                wrong = torch.tensor([0 if chk_want is None else int((got != chk_want).sum())],
+                                     dtype=torch.int64)
                 pycomm.all_reduce(wrong)
-                chosen = algorithm
-                if algorithm == "auto":
+                chosen = "pairwise" if op == "all_to_all" else algorithm
+                if algorithm == "auto" and op != "all_to_all":
                     chosen = "auto:" + pycomm.get_cost_model().choose(op, nbytes, n)
                 algbw = nbytes / seconds / 1e9
                 row = dict(op=op, size=nbytes, count=count, type=cfg["dtype"],
-                           redop="sum" if op != "all_gather" else "none", algorithm=chosen,
+                           redop="sum" if op in REDUCES else "none", algorithm=chosen,
                            time_us=seconds * 1e6, algbw=algbw, busbw=algbw * BUS_FACTOR[op](n),
                            wrong=int(wrong.item()), iters=iters)
                 if isinstance(row_gloo, float):
@@ -230,8 +278,10 @@ def format_table(rows: list[dict], nprocs: int) -> str:
             continue
         out.append(f"# {op} on {nprocs} processes ({sel[0]['type']})")
         anchor = ("copy(us)", "GB/s", "bus/cp") if "copy_gbps" in sel[0] else ("gloo(us)", "busbw", "speedup")
+        mpi_head = f" | {'mpi(us)':>10} {'busbw':>7} {'vs mpi':>7}" if "mpi_time_us" in sel[0] else ""
         out.append(f"#{'size':>11} {'count':>10} {'type':>8} {'redop':>5} {'algo':>10} {'time(us)':>10} "
-                   f"{'algbw':>7} {'busbw':>7} {'#wrong':>6} | {anchor[0]:>10} {anchor[1]:>7} {anchor[2]:>7}")
+                   f"{'algbw':>7} {'busbw':>7} {'#wrong':>6} | {anchor[0]:>10} {anchor[1]:>7} {anchor[2]:>7}"
+                   f"{mpi_head}")
         for r in sel:
             if "copy_gbps" in r:  # on a GPU: the copy anchor, and busbw as a fraction of it
                 gloo = f"{r['copy_us']:10.1f} {r['copy_gbps']:7.1f} {r['busbw_vs_copy']:6.2f}x"
@@ -239,8 +289,11 @@ def format_table(rows: list[dict], nprocs: int) -> str:
                 gloo = f"{r['gloo_time_us']:10.1f} {r['gloo_busbw']:7.2f} {r['speedup']:6.1f}x"
             else:
                 gloo = f"{'n/a':>10} {'':>7} {'':>7}"
+            mpi = ""
+            if "mpi_time_us" in r:
+                mpi = f" | {r['mpi_time_us']:10.1f} {r['mpi_busbw']:7.2f} {r['vs_mpi']:6.2f}x"
             out.append(f" {r['size']:11d} {r['count']:10d} {r['type']:>8} {r['redop']:>5} {r['algorithm']:>10} "
-                       f"{r['time_us']:10.1f} {r['algbw']:7.2f} {r['busbw']:7.2f} {r['wrong']:6d} | {gloo}")
+                       f"{r['time_us']:10.1f} {r['algbw']:7.2f} {r['busbw']:7.2f} {r['wrong']:6d} | {gloo}{mpi}")
         wrong = sum(r["wrong"] for r in sel)
         out.append(f"# Out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}")
         out.append(f"# Avg bus bandwidth    : {sum(r['busbw'] for r in sel) / len(sel):.3f} GB/s")
@@ -255,8 +308,12 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     ops = [op for op in OPS if any(r["op"] == op for r in rows)]
-    fig, axes = plt.subplots(1, len(ops), figsize=(5.5 * len(ops), 4.2), squeeze=False)
-    for ax, op in zip(axes[0], ops):
+    cols = min(4, len(ops))
+    nrows = -(-len(ops) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.0 * cols, 4.0 * nrows), squeeze=False)
+    for ax in axes.flat[len(ops):]:
+        ax.set_visible(False)
+    for ax, op in zip(axes.flat, ops):
         sel = [r for r in rows if r["op"] == op]
         for algo in dict.fromkeys(r["algorithm"].split(":")[0] for r in sel):
             pts = [(r["size"], r["busbw"]) for r in sel if r["algorithm"].split(":")[0] == algo]
@@ -295,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", "-i", type=int, default=None, help="iterations per size (default: by size)")
     p.add_argument("--warmup", "-w", type=int, default=3)
     p.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
+    p.add_argument("--anchor", default="", choices=["", "mpi"],
+                   help="mpi: also time every row with Open MPI (mpirun + mpi4py) in this run")
     p.add_argument("--hosts", type=int, default=1,
                    help="simulate this many hosts (ranks in blocks, PYCOMM_HOST_ID): all_reduce "
                         "runs hierarchically, the rest over gloo")
@@ -358,6 +417,19 @@ def main(argv=None) -> int:
                    gloo_store=os.path.join(tmp, "gloo"), progress=not args.no_progress)
         rows = pycomm.launch.run(_rank_main, args.nprocs, args=(cfg,), collective_timeout=300,
                                  hosts=args.hosts)[0]
+    if args.anchor == "mpi":
+        ok, why = bench_mpi.available()
+        if not ok:
+            print(f"# no Open MPI rows: {why}", flush=True)
+        else:
+            print("# timing the same rows with Open MPI (mpirun, mpi4py)...", flush=True)
+            times = bench_mpi.run(ops, cfg["sizes"], args.nprocs, args.dtype, args.iters)
+            for r in rows:
+                t = times.get((r["op"], r["size"]))
+                if t:
+                    r.update(mpi_time_us=t * 1e6, mpi_busbw=r["size"] / t / 1e9 * BUS_FACTOR[r["op"]](args.nprocs),
+                             vs_mpi=t * 1e6 / r["time_us"])
+            info["mpi"] = bench_mpi.version()
     print(format_table(rows, args.nprocs))
     for op in ops:
         for target in (16 << 20, 64 << 20):

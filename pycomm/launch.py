@@ -16,6 +16,8 @@ import tempfile
 import time
 import traceback
 
+import pycomm
+
 
 class RankError(RuntimeError):
     """A rank raised: ``rank`` says which, the message carries its traceback."""
@@ -31,8 +33,6 @@ def _worker(rank, nprocs, store_path, timeout_s, fn, args, env, queue, hosts):
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(local)})
     if hosts > 1:  # pretend: contiguous blocks of ranks on each "host"
         os.environ["PYCOMM_HOST_ID"] = f"simulated-host-{rank // (nprocs // hosts)}"
-    import pycomm
-
     try:
         pycomm.init_process_group(rank, nprocs, init_method=f"file://{store_path}",
                                   timeout=datetime.timedelta(seconds=timeout_s))

@@ -13,6 +13,8 @@ One idea per module: ``mesh`` (groups), ``mappings`` (f/g autograd pairs), ``lay
 checkpoints), ``pipeline`` (schedules, validator, simulator, runtime).  ``pipeline`` alone is
 importable without torch; the rest is loaded on first use.
 """
+import importlib
+
 from . import pipeline
 
 _LAZY = {
@@ -36,7 +38,5 @@ def __getattr__(name):
     # Keep `import pycomm.parallel.pipeline` free of torch (the colleague's contract): the
     # layers import torch and pycomm's extension only when first used.
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

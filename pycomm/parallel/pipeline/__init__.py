@@ -9,6 +9,8 @@ an event simulator (``simulate``) and drawings (``plot``).
 The runtime (``runtime.Pipeline``, imports torch and pycomm) consumes
 ``add_communication(build_schedule(...)).actions[rank]``; ``stages.partition`` splits layers.
 """
+import importlib
+
 from .schedules import (
     SCHEDULES,
     Action,
@@ -62,7 +64,5 @@ __all__ = [
 def __getattr__(name):
     # The runtime needs torch and pycomm's extension; schedules and the simulator stay pure Python.
     if name in ("Pipeline", "StepStats"):
-        from . import runtime
-
-        return getattr(runtime, name)
+        return getattr(importlib.import_module(f"{__name__}.runtime"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 
 from .schedules import Action, Batch, Kind, Schedule, ScheduleError, Step
-from .simulate import execute
+from .engine import execute
 
 __all__ = ["add_communication"]
 

@@ -1,7 +1,7 @@
 """Draw a simulated schedule: a PNG timeline and a text grid.
 
 Contract: both take a :class:`~.simulate.SimulationResult`.  :func:`plot_timeline` writes a PNG
-(matplotlib, Agg backend, imported only when called) in the style of the GPipe/Megatron lecture
+(matplotlib's object API with the Agg canvas: no pyplot, no global backend) in the style of the GPipe/Megatron lecture
 figures: one row per device (device 0 on top), one box per computation, coloured by micro-batch,
 forward light and backward dark, labelled ``F3``/``B3`` (``F3`` with chunk ``c1`` below when
 interleaved); idle time is the grey background showing between boxes.
@@ -11,6 +11,13 @@ from __future__ import annotations
 
 import os
 from fractions import Fraction
+from math import gcd
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
 
 from .schedules import Kind
 
@@ -28,8 +35,6 @@ def _time_unit(result) -> float:
 
 
 def _gcd_frac(a: Fraction, b: Fraction) -> Fraction:
-    from math import gcd
-
     den = a.denominator * b.denominator // gcd(a.denominator, b.denominator)
     return Fraction(gcd(int(a * den), int(b * den)), den)
 
@@ -64,16 +69,9 @@ def format_grid(result, unit: float | None = None) -> str:
 
 def plot_timeline(result, path, title: str | None = None):
     """Write ``result``'s timeline as a PNG to ``path``; returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: must work on machines without a display
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import to_rgb
-    from matplotlib.patches import Patch, Rectangle
-
     s = result.schedule
     p, m, v = s.stages, s.microbatches, s.virtual
-    cmap = plt.get_cmap("tab10" if m <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if m <= 10 else "tab20"]
 
     def colour(mb: int, kind: Kind):
         base = to_rgb(cmap(mb % cmap.N))
@@ -82,7 +80,9 @@ def plot_timeline(result, path, title: str | None = None):
 
     span = result.makespan
     fig_w = min(max(6.0, 0.35 * span / min(result.t_fwd / v, result.t_bwd / v) + 1.5), 22.0)
-    fig, ax = plt.subplots(figsize=(fig_w, 0.55 * p + 1.4))
+    fig = Figure(figsize=(fig_w, 0.55 * p + 1.4))
+    FigureCanvasAgg(fig)  # files only: works on machines without a display
+    ax = fig.subplots()
     ax.add_patch(Rectangle((0, -0.5), span, p, facecolor="#e6e6e6", edgecolor="none", zorder=0))
     min_box = min(t.end - t.start for row in result.timeline for t in row)
     for r, row in enumerate(result.timeline):
@@ -130,5 +130,4 @@ def plot_timeline(result, path, title: str | None = None):
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from .engine import execute
 from .schedules import Action, Kind, Schedule, ScheduleError, step_ops
 
 __all__ = ["validate", "find_problems"]
@@ -99,7 +100,5 @@ def validate(schedule: Schedule) -> None:
             f"microbatches={schedule.microbatches}, virtual={schedule.virtual}):\n  "
             + "\n  ".join(problems)
         )
-    # Checks 3-4 need the execution engine; imported here because simulate imports us.
-    from .simulate import execute
-
+    # Checks 3-4 run the execution engine.
     execute(schedule, blocking_sends=True)
