@@ -382,6 +382,35 @@ def machine() -> dict:
                 date=datetime.datetime.now().isoformat(timespec="seconds"))
 
 
+def gpu_topology() -> dict:
+    """What the GPU figures depend on and torch does not say: the driver, and for each GPU
+    its active NVLink links (pynvml, the `gpu` extra: `pip install ".[gpu]"`)."""
+    try:
+        import pynvml
+    except ImportError:
+        return {"topology": "unknown (pip install '.[gpu]' for pynvml)"}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        return {"topology": f"unknown (NVML: {e})"}
+    try:
+        out = {"driver": pynvml.nvmlSystemGetDriverVersion()}
+        links = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            active = 0
+            for link in range(18):  # NVML_NVLINK_MAX_LINKS on Hopper
+                try:
+                    active += pynvml.nvmlDeviceGetNvLinkState(h, link) == pynvml.NVML_FEATURE_ENABLED
+                except pynvml.NVMLError:
+                    break
+            links.append(active)
+        out["nvlink_links_per_gpu"] = links
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import tempfile
@@ -404,6 +433,7 @@ def main(argv=None) -> int:
         from pycomm import _cuda
 
         info.update(_cuda.versions())
+        info.update(gpu_topology())
         info["cpu"] = f"{info['gpu']} (CUDA {info['cuda']})"
     if args.hosts > 1:
         info["hosts"] = args.hosts

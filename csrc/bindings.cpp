@@ -84,8 +84,7 @@ PYBIND11_MODULE(_C, m) {
       .def("unlink", &ShmTransport::unlinkOwn)
       .def_static("reap_if_stale", &ShmTransport::reapIfStale, py::arg("name"))
       .def("_corrupt_for_test", &ShmTransport::corruptForTest, py::arg("what"))
-      .def_property_readonly("segment_bytes", &ShmTransport::segmentBytes)
-      .def_property_readonly("segment_name", &ShmTransport::segmentName);
+;
 
   py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
       .def(py::init<std::shared_ptr<Transport>>(), py::arg("transport"))

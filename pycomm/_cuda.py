@@ -22,7 +22,6 @@ _P, _S, _I = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
 _SIGNATURES = {
     "pycomm_cuda_versions": [ctypes.POINTER(_I)] * 3,
     "pycomm_cuda_device_count": [ctypes.POINTER(_I)],
-    "pycomm_cuda_memcpy": [_P, _P, _S, _P],
     "pycomm_cuda_reduce": [_P, _P, _P, _S, _I, _I, _P],
     "pycomm_nccl_unique_id": [ctypes.c_char_p],
     "pycomm_nccl_init": [ctypes.POINTER(_P), _I, _I, _I, ctypes.c_char_p, _S],
@@ -101,10 +100,6 @@ def require() -> None:
     ok, why = status()
     if not ok:
         raise CudaUnavailable(f"pycomm: CUDA tensors need the CUDA transports, but {why}")
-
-
-def memcpy(dst: int, src: int, nbytes: int, stream: int) -> None:
-    _call("pycomm_cuda_memcpy", dst, src, nbytes, stream)
 
 
 def reduce(dst: int, a: int, b: int, count: int, dtype: int, op: int, stream: int) -> None:

@@ -1,11 +1,13 @@
 // Tree algorithms, for latency-bound sizes: a tree of depth d needs about 2d steps where a
 // ring needs 2(p-1).  With p ranks, n bytes (the row's `bytes`, collectives.h), D the
 // depth of the binary tree and the constants of ring.cpp:
-//   all-reduce (double binary tree, pipelined)  2 D alpha + n beta + n gamma
+//   all-reduce (double binary tree, pipelined)  2 D alpha + 2 n beta + n gamma
 //     each half of the buffer reduces up one tree and comes back down it; a rank is
-//     interior in at most one of the two trees, so each rank moves about n bytes each way
-//   all-gather (gather up, then down)           2 D alpha + (p-1)/p n beta, at the root
-//   broadcast  (binary tree)                    D alpha + 2 n beta
+//     interior in at most one of the two trees, where it takes two children's halves in
+//     and sends its half up, then takes the result in and sends it to two children: with
+//     its leaf traffic in the other tree, about 2n bytes each way at the busiest rank
+//   all-gather (gather up, then down)           2 D alpha + 2 n beta (the root: all in, all out)
+//   broadcast  (binary tree)                    D alpha + 2 n beta (an interior rank sends twice)
 //   reduce     (double binary tree, pipelined)  (D+1) alpha + n beta + n gamma
 //     the upward half of all-reduce, relabelled so that `root` is tree 0's root; tree 1's
 //     root hands its half to `root`, one more step (streamed, so it adds latency only)

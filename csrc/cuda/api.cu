@@ -66,12 +66,6 @@ int pycomm_cuda_device_count(int* count) {
   return guarded([&] { PYCOMM_CUDA_CHECK(cudaGetDeviceCount(count)); });
 }
 
-int pycomm_cuda_memcpy(void* dst, const void* src, size_t bytes, void* stream) {
-  return guarded([&] {
-    PYCOMM_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, asStream(stream)));
-  });
-}
-
 int pycomm_cuda_reduce(void* dst, const void* a, const void* b, size_t count, int dtype, int op,
                        void* stream) {
   return guarded([&] {

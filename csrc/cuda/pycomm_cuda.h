@@ -33,7 +33,6 @@ PYCOMM_API const char* pycomm_cuda_error(void);
  * CUDA driver is installed, which is not an error. */
 PYCOMM_API int pycomm_cuda_versions(int* runtime, int* driver, int* nccl);
 PYCOMM_API int pycomm_cuda_device_count(int* count);
-PYCOMM_API int pycomm_cuda_memcpy(void* dst, const void* src, size_t bytes, void* stream);
 
 /* dst = a op b, elementwise, count elements; float16/bfloat16 are combined in float32 and
  * rounded once.  dst may be a or b. */

@@ -25,7 +25,7 @@ namespace pycomm {
 struct ShmOptions {
   size_t slotBytes = 256 * 1024;  // payload of one piece
   int slots = 4;                  // pieces in flight per (peer, lane)
-  int lanes = 2;                  // independent channels per peer (two trees)
+  int lanes = 3;                  // channels per peer: two trees (collectives.h), then messages
 };
 
 class ShmTransport final : public Transport {
@@ -57,8 +57,6 @@ class ShmTransport final : public Transport {
   // writer could ("pid", "abort" or "counter"), so that its peers must notice.
   void corruptForTest(const std::string& what);
 
-  size_t segmentBytes() const { return bytes_; }
-  const std::string& segmentName() const { return name_; }
 
  private:
   struct Mapping {
