@@ -1,5 +1,6 @@
 """Point-to-point messages over shared memory: MPI's matching by (source, tag), receives from
-any source, empty messages, size mismatches, dropped handles, dead and silent peers."""
+any source, empty messages, size mismatches, dropped handles, dead and silent peers, and the
+same through torch.distributed."""
 import gc
 import os
 import re
@@ -284,6 +285,50 @@ def test_dropped_work_keeps_buffers_until_the_message_completes(run, n):
     assert sender is True
     assert receiver == {"kept": True, "last": True, "others_untouched": True,
                         "kept_alive_in_flight": True, "released_after": True}, receiver
+
+
+# ------------------------------------------------------------------------ torch.distributed
+
+
+def job_torch_tags_and_any_source():
+    dist = world.gloo()
+    g = world.torch_group("pycomm")
+    r, p = dist.get_rank(), dist.get_world_size()
+    out = {}
+    if r == 0:
+        a, b = torch.empty(SMALL), torch.empty(SMALL)
+        q2 = dist.irecv(b, 1, group=g, tag=2)
+        q1 = dist.irecv(a, 1, group=g, tag=1)
+        q2.wait()
+        q1.wait()
+        out["tags"] = torch.equal(a, _value(SMALL, 1, 1)) and torch.equal(b, _value(SMALL, 1, 2))
+        sources = []
+        for _ in range(p - 1):
+            got = torch.empty(SMALL)
+            src = dist.recv(got, group=g, tag=3)
+            sources.append((src, torch.equal(got, _value(SMALL, src, 3))))
+        got = torch.empty(SMALL)
+        w = dist.irecv(got, group=g, tag=4)
+        w.wait()
+        sources.append((w._source_rank(), torch.equal(got, _value(SMALL, 2, 4))))
+        out["sources"] = sources
+    else:
+        if r == 1:
+            s = [dist.isend(_value(SMALL, 1, tag), 0, group=g, tag=tag) for tag in (1, 2)]
+            for w in s:
+                w.wait()
+        dist.send(_value(SMALL, r, 3), 0, group=g, tag=3)
+        if r == 2:
+            dist.send(_value(SMALL, 2, 4), 0, group=g, tag=4)
+    dist.barrier(group=g)
+    return out
+
+
+def test_torch_distributed_tags_and_receive_from_any_source(run):
+    out = run(3, job_torch_tags_and_any_source, timeout=90)[0]
+    assert out["tags"] is True
+    assert sorted(out["sources"][:2]) == [(1, True), (2, True)], out
+    assert out["sources"][2] == (2, True), out
 
 
 # ------------------------------------------------------------------------ dead and silent peers
