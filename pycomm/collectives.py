@@ -289,7 +289,12 @@ def _p2p(ops: list[P2POp], async_op: bool):
 
 
 def send(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0) -> None:
-    """Sends `tensor` to group rank `dst`; returns once the message is delivered."""
+    """Sends `tensor` to group rank `dst` with `tag`; returns once `tensor` may be reused
+    (MPI's standard mode, as gloo and NCCL): a message that fits in the transport's free
+    slots (on shared memory 4 x 256 KiB per peer by default) is copied there and it returns
+    before the peer has posted its receive; of a larger one, the peer's progress (a
+    receive, a wait or any collective it is in) must first take the bytes that did not
+    fit.  The receive must have the same size."""
     _p2p([P2POp("send", tensor, dst, group, tag)], False)
 
 

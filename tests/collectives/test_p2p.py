@@ -1,6 +1,6 @@
 """Point-to-point messages over shared memory: MPI's matching by (source, tag), receives from
-any source, empty messages, size mismatches, dropped handles, dead and silent peers, and the
-same through torch.distributed."""
+any source, empty messages, size mismatches, dropped handles, dead and silent peers, what a
+blocking send waits for, and the same through torch.distributed."""
 import gc
 import os
 import re
@@ -285,6 +285,38 @@ def test_dropped_work_keeps_buffers_until_the_message_completes(run, n):
     assert sender is True
     assert receiver == {"kept": True, "last": True, "others_untouched": True,
                         "kept_alive_in_flight": True, "released_after": True}, receiver
+
+
+# ------------------------------------------------------------------------ what send waits for
+
+
+def job_send_returns_when_the_buffer_is_free(n, delay):
+    r = pycomm.get_rank()
+    pycomm.barrier()
+    if r == 0:
+        buf = _value(n, 0, 1)
+        start = time.monotonic()
+        pycomm.send(buf, 1, tag=1)
+        took = time.monotonic() - start
+        buf.fill_(-1.0)  # the send has returned: the buffer may be reused
+        pycomm.barrier()
+        return took
+    time.sleep(delay)  # the receive is posted late
+    got = torch.empty(n)
+    pycomm.recv(got, 0, tag=1)
+    pycomm.barrier()
+    return torch.equal(got, _value(n, 0, 1))
+
+
+def test_small_send_returns_before_the_receive_is_posted(run):
+    took, ok = run(2, job_send_returns_when_the_buffer_is_free, SMALL, 1.0, pg_timeout=20.0)
+    assert ok and took < 0.5, took
+
+
+def test_large_send_returns_once_the_peer_took_what_did_not_fit(run):
+    # 8 slots' worth: the first 4 fit in the lane's slots, the rest wait for the receiver.
+    took, ok = run(2, job_send_returns_when_the_buffer_is_free, 8 * SLOT, 1.0, pg_timeout=20.0)
+    assert ok and took > 0.5, took
 
 
 # ------------------------------------------------------------------------ torch.distributed
