@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <iomanip>
+#include <new>
 #include <sstream>
 
 #include "reduce.h"
@@ -110,16 +111,30 @@ std::list<Communicator::Recv>::iterator Communicator::findRecv(uint64_t id) {
 
 void Communicator::complete(uint64_t id, int peer) { completed_.push_back(Completion{id, peer}); }
 
-// A buffered message and the receive that took it are both complete: copy, retire both.
-void Communicator::finish(Unexpected& u, Recv& r) {
-  if (r.bytes) std::memcpy(r.buf, u.data.data(), r.bytes);
-  complete(r.id, u.from);
-  recvs_.erase(findRecv(r.id));
+void Communicator::forget(Unexpected& u) {
   for (auto it = unexpected_.begin(); it != unexpected_.end(); ++it)
     if (&*it == &u) {
       unexpected_.erase(it);
-      break;
+      return;
     }
+}
+
+// A buffered message and the receive that took it are both complete: copy, retire both.
+void Communicator::finish(Unexpected& u, Recv& r) {
+  if (r.bytes) std::memcpy(r.buf, u.data.get(), r.bytes);
+  complete(r.id, u.from);
+  recvs_.erase(findRecv(r.id));
+  forget(u);
+}
+
+void Communicator::adopt(Unexpected& u, Recv& r) {
+  Incoming& in = incoming_[u.from];
+  if (!in.active || in.buffer != &u || !r.bytes) return;  // finished by finish() instead
+  std::memcpy(r.buf, u.data.get(), in.task.done);
+  in.task.dst = r.buf;
+  in.recv = r.id;
+  in.buffer = nullptr;
+  forget(u);
 }
 
 void Communicator::match() {
@@ -132,7 +147,10 @@ void Communicator::match() {
       if (u.recv || u.desc.tag != r.tag || (r.peer >= 0 && r.peer != u.from)) continue;
       bind(r, u.from, u.desc);
       u.recv = r.id;
-      if (u.complete) finish(u, r);
+      if (u.complete)
+        finish(u, r);
+      else
+        adopt(u, r);
       break;
     }
   }
@@ -167,17 +185,16 @@ void Communicator::match() {
       in.recv = r->id;
       one.recvCopy(p, d.count ? r->buf : &sink_, std::max<size_t>(d.count, 1), {}, lane);
     } else {
-      unexpected_.push_back(Unexpected{p, d, {}});
+      unexpected_.push_back(Unexpected{p, d});
       Unexpected& u = unexpected_.back();
-      try {
-        u.data.resize(std::max<size_t>(d.count, 1));
-      } catch (const std::bad_alloc&) {
+      u.bytes = std::max<size_t>(d.count, 1);
+      u.data.reset(new (std::nothrow) char[u.bytes]);
+      if (!u.data)
         t_->fail("pycomm: rank " + std::to_string(rank()) + " cannot buffer " + describe(d) +
                      " (no receive is posted for it yet): out of memory",
                  0);
-      }
       in.buffer = &u;
-      one.recvCopy(p, u.data.data(), u.data.size(), {}, lane);
+      one.recvCopy(p, u.data.get(), u.bytes, {}, lane);
     }
     in.task = one.tasks()[0];
   }

@@ -92,7 +92,8 @@ class Communicator {
   struct Unexpected {  // a message that arrived before its receive
     int from;
     OpDesc desc;
-    std::vector<char> data;
+    std::unique_ptr<char[]> data;  // uninitialised: pages are touched only as bytes arrive
+    size_t bytes = 0;
     bool complete = false;
     uint64_t recv = 0;  // the receive that took it, if any
   };
@@ -115,6 +116,10 @@ class Communicator {
   void collectMessages(const Plan& plan, size_t first);
   void complete(uint64_t id, int peer);
   void finish(Unexpected& u, Recv& r);
+  // A receive took a message still arriving: what arrived is copied, the rest goes
+  // straight into the receive's buffer, and the message's own buffer is freed.
+  void adopt(Unexpected& u, Recv& r);
+  void forget(Unexpected& u);
   std::list<Recv>::iterator findRecv(uint64_t id);
   void expire(Clock::time_point now);  // raises for a message past its deadline
   // The oldest pending message, as a descriptor for publish() and error messages, and
