@@ -163,16 +163,11 @@ void Communicator::match() {
     if (p == rank() || incoming_[p].active) continue;
     OpDesc d;
     if (!t_->peek(p, lane, &d)) continue;
-    if (Coll(d.coll) != Coll::SendRecv || d.root != p || d.seq != received_[p] + 1 || d.tag < 0) {
-      OpDesc want;
-      want.coll = int32_t(Coll::SendRecv);
-      want.seq = received_[p] + 1;
-      want.root = p;
+    if (Coll(d.coll) != Coll::SendRecv || d.root != p || d.seq != received_[p] + 1 || d.tag < 0)
       t_->fail("pycomm: rank " + std::to_string(rank()) + " expected the start of message #" +
-                   std::to_string(want.seq) + " from rank " + std::to_string(p) + " on its message lane but found " +
-                   describe(d) + "; the group cannot go on",
+                   std::to_string(received_[p] + 1) + " from rank " + std::to_string(p) +
+                   " on its message lane but found " + describe(d) + "; the group cannot go on",
                0);
-    }
     ++received_[p];
     Incoming& in = incoming_[p];
     in = Incoming{};
