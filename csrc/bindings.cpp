@@ -117,10 +117,15 @@ PYBIND11_MODULE(_C, m) {
            })
       .def(
           "post",
-          [](Communicator& c, bool isSend, int peer, uintptr_t buf, size_t bytes, double timeout) {
-            return c.post(P2POp{isSend, peer, ptr(buf), bytes}, timeout);
+          [](Communicator& c, bool isSend, int peer, uintptr_t buf, size_t bytes, double timeout,
+             int32_t tag) {
+            py::gil_scoped_release nogil;  // waits for a progress() call on another thread
+            return c.post(P2POp{isSend, peer, ptr(buf), bytes, tag}, timeout);
           },
-          py::arg("is_send"), py::arg("peer"), py::arg("buf"), py::arg("bytes"), py::arg("timeout"))
+          py::arg("is_send"), py::arg("peer"), py::arg("buf"), py::arg("bytes"), py::arg("timeout"),
+          py::arg("tag") = 0,
+          "posts a message (peer -1: a receive from any source); returns its id.  The buffer "
+          "must stay valid until completed() reports the id (or cancel() returns it)")
       .def(
           "progress",
           [](Communicator& c, double slice) {
@@ -128,7 +133,27 @@ PYBIND11_MODULE(_C, m) {
             return c.progress(slice);
           },
           py::arg("slice"))
-      .def("done", &Communicator::done, py::arg("id"));
+      .def(
+          "completed",
+          [](Communicator& c) {
+            std::vector<Completion> done;
+            {
+              py::gil_scoped_release nogil;
+              done = c.completed();
+            }
+            py::list out;
+            for (const Completion& d : done) out.append(py::make_tuple(d.id, d.peer));
+            return out;
+          },
+          "[(id, peer)] of the messages completed since the last call, each once; peer is "
+          "the sender for a receive, the destination for a send")
+      .def(
+          "cancel",
+          [](Communicator& c) {
+            py::gil_scoped_release nogil;
+            return c.cancel();
+          },
+          "forgets every pending message (nothing touches their buffers afterwards); their ids");
 
   py::class_<Completion, std::shared_ptr<Completion>>(m, "Completion")
       .def("done", &Completion::done)

@@ -82,6 +82,16 @@ bool sameOp(const OpDesc& a, const OpDesc& b) { return std::memcmp(&a, &b, sizeo
 
 std::string describe(const OpDesc& d) {
   std::ostringstream os;
+  if (Coll(d.coll) == Coll::SendRecv) {
+    os << "send/recv";
+    if (d.seq) os << " #" << d.seq;
+    if (d.root >= 0)
+      os << " with rank " << d.root;
+    else
+      os << " with any rank";
+    os << " (tag " << d.tag << ", " << d.count << " bytes)";
+    return os.str();
+  }
   os << collName(Coll(d.coll)) << " #" << d.seq << " (" << dtypeName(DType(d.dtype)) << " x "
      << d.count;
   if (RedOp(d.redop) != RedOp::None) os << ", " << redopName(RedOp(d.redop));

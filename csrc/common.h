@@ -47,12 +47,14 @@ struct OpDesc {
   int32_t redop = 0;
   int32_t algo = 0;
   int32_t root = -1;    // rooted collectives (broadcast, reduce, gather, scatter): the root
-  int32_t pad = 0;
+  int32_t tag = 0;      // point-to-point messages: the message's tag (0 for collectives)
 };
 static_assert(sizeof(OpDesc) == 40, "OpDesc is shared between processes");
 
 bool sameOp(const OpDesc& a, const OpDesc& b);
-std::string describe(const OpDesc& d);  // "all_reduce #12 (float32 x 1000, sum, ring)"
+// "all_reduce #12 (float32 x 1000, sum, ring)"; for a message, "send/recv #3 with rank 1
+// (tag 2, 40 bytes)": count is its size in bytes, root the peer (-1: any rank), no #seq if 0.
+std::string describe(const OpDesc& d);
 
 using Clock = std::chrono::steady_clock;
 

@@ -53,9 +53,12 @@ class _Staged:
                 u.copy_(b)
 
 
-def _chain(work: Work | None, outputs: list, then=None) -> Work:
-    """A Work that completes with `outputs` after `work` (None: already done) and then()."""
+def _chain(work: Work | None, outputs: list, then=None, source=None) -> Work:
+    """A Work that completes with `outputs` after `work` (None: already done) and then().
+    `source(work)`: its source_rank, set before it completes (the c10d Work reads it in a
+    done-callback)."""
     future: concurrent.futures.Future = concurrent.futures.Future()
+    result = Work(future, tuple(outputs))
 
     def done(w: Work | None):
         try:
@@ -63,6 +66,8 @@ def _chain(work: Work | None, outputs: list, then=None) -> Work:
                 w.wait()
             if then is not None:
                 then()
+            if source is not None:
+                result.source_rank = source(w)
             future.set_result(outputs)
         except BaseException as e:  # noqa: BLE001 - delivered through the c10d Work
             future.set_exception(e)
@@ -71,7 +76,7 @@ def _chain(work: Work | None, outputs: list, then=None) -> Work:
         done(None)
     else:
         work.add_done_callback(done)
-    return Work(future, tuple(outputs))
+    return result
 
 
 class Adapter:
@@ -301,14 +306,10 @@ class Adapter:
         return C.isend(st.bufs[0], dst, self.group, tag)
 
     def recv(self, tensors, src: int, tag: int):
+        """src -1: from any source (recvAnysource); the Work's source_rank says who sent it."""
         st = _Staged(tensors)
         w = C.irecv(st.bufs[0], None if src < 0 else src, self.group, tag)
-        out = _chain(w, st.user, st.copy_back)
-        if src < 0:
-            w.add_done_callback(lambda done: setattr(out, "source_rank", done.source_rank))
-        else:
-            out.source_rank = src
-        return out
+        return _chain(w, st.user, st.copy_back, (lambda done: done.source_rank) if src < 0 else (lambda _: src))
 
     # ------------------------------------------------------------------ lifetime
 

@@ -278,8 +278,8 @@ def _p2p(ops: list[P2POp], async_op: bool):
             raise ValueError(f"P2POp.op must be pycomm.isend or pycomm.irecv, not {o.op!r}")
         fn = "send" if kind else "recv"
         t = _tensor(fn, "tensor", o.tensor)
-        if isinstance(o.tag, bool) or not isinstance(o.tag, int) or o.tag < 0:
-            raise ValueError(f"pycomm.{fn}: tag must be a non-negative int, not {o.tag!r}")
+        if isinstance(o.tag, bool) or not isinstance(o.tag, int) or not 0 <= o.tag < 2 ** 31:
+            raise ValueError(f"pycomm.{fn}: tag must be an int in [0, 2**31), not {o.tag!r}")
         peer = o.peer
         if peer is None and not kind:
             peer = -1  # any source
@@ -293,23 +293,35 @@ def _p2p(ops: list[P2POp], async_op: bool):
 
 
 def send(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0) -> None:
-    """Sends `tensor` to group rank `dst`; returns once the message is delivered."""
+    """Sends `tensor` to group rank `dst` with `tag`; returns once `tensor` may be reused
+    (MPI's standard mode, as gloo and NCCL): a message that fits in the transport's free
+    slots (on shared memory 4 x 256 KiB per peer by default) is copied there and it returns
+    before the peer has posted its receive; of a larger one, the peer's progress (a
+    receive, a wait or any collective it is in) must first take the bytes that did not
+    fit.  The receive must have the same size."""
     _p2p([P2POp("send", tensor, dst, group, tag)], False)
 
 
 def recv(tensor: torch.Tensor, src: int | None = None, group: Group | None = None, tag: int = 0) -> int:
-    """Receives into `tensor` (as many bytes as the matching send) from group rank `src`, or
-    from any rank (src=None); returns the sender's rank."""
+    """Receives into `tensor` the earliest message with `tag` from group rank `src`, or from
+    any rank (src=None); returns the sender's rank.  The message must have tensor's size in
+    bytes (CommMismatchError otherwise)."""
     work = _p2p([P2POp("recv", tensor, src, group, tag)], True)
     work.wait()
     return work.source_rank if src is None else src
 
 
 def isend(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0) -> Work:
+    """Posts a send (see send) and returns its Work at once; the message moves whenever this
+    rank calls into the group.  The Work may be dropped: pycomm keeps `tensor` alive until
+    the message has left it."""
     return _p2p([P2POp("send", tensor, dst, group, tag)], True)
 
 
 def irecv(tensor: torch.Tensor, src: int | None = None, group: Group | None = None, tag: int = 0) -> Work:
+    """Posts a receive (see recv) and returns its Work at once; for src=None the Work's
+    `source_rank` is the sender's group rank once it has completed.  The Work may be dropped:
+    pycomm keeps `tensor` alive until the message is in it."""
     return _p2p([P2POp("recv", tensor, src, group, tag)], True)
 
 

@@ -28,7 +28,9 @@ struct LocalCopy {
 };
 
 struct Task {
-  enum Kind { Send, RecvCopy, RecvReduce };
+  // Probe: done (consuming nothing) once a piece waits at the head of its lane; how a
+  // caller that matches messages itself (point-to-point) learns that one arrived.
+  enum Kind { Send, RecvCopy, RecvReduce, Probe };
   Kind kind;
   int peer;
   int lane;             // independent FIFO channels to one peer (e.g. one per tree)
@@ -39,6 +41,7 @@ struct Task {
   int ndeps;
   int desc = -1;        // index into Plan::descs(), or -1 for the collective's descriptor
   bool optional = false;  // progressed when possible, but the plan may finish without it
+  bool wake = false;      // execution returns (to be resumed) as soon as this task is done
   size_t done = 0;      // bytes handled so far (executor state)
 };
 
@@ -52,6 +55,7 @@ class Plan {
                int lane = 0) {
     return add(Task::RecvCopy, peer, lane, static_cast<char*>(dst), nullptr, bytes, deps);
   }
+  int probe(int peer, int lane) { return add(Task::Probe, peer, lane, nullptr, nullptr, 1, {}); }
   int recvReduce(int peer, void* dst, const void* src, size_t bytes,
                  std::initializer_list<int> deps = {}, int lane = 0) {
     return add(Task::RecvReduce, peer, lane, static_cast<char*>(dst),

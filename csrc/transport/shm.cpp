@@ -417,8 +417,10 @@ class ShmTransport::Progress {
  public:
   // Peers are first checked 5 ms into a wait: the check reads /proc (tens of
   // microseconds), which a peer arriving a few microseconds late must not pay for.
-  Progress(ShmTransport& t, const OpDesc& desc, Clock::time_point deadline)
-      : t_(t), desc_(desc), deadline_(deadline), start_(Clock::now()),
+  // `since`: when the wait began (a resumed wait started earlier than this call).
+  Progress(ShmTransport& t, const OpDesc& desc, Clock::time_point deadline, Clock::time_point since)
+      : t_(t), desc_(desc), deadline_(deadline),
+        start_(since == Clock::time_point() ? Clock::now() : since),
         nextCheck_(start_ + std::chrono::milliseconds(5)) {}
   void progressed() { idle_ = 0; }
   void idle(int waitingOn) {
@@ -474,11 +476,30 @@ size_t allowedBytes(const std::vector<Task>& tasks, const Task& t) {
 
 }  // namespace
 
-bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
-                           Clock::time_point deadline, Clock::time_point returnBy) {
+void ShmTransport::usable() const {
   if (!failure_.empty())
     throw CommError("pycomm: this communicator failed earlier and cannot be used again "
                     "(destroy it and create a new one): " + failure_);
+}
+
+bool ShmTransport::peek(int peer, int lane, OpDesc* desc) {
+  usable();
+  if (peer < 0 || peer >= size_ || peer == rank_ || lane < 0 || lane >= opt_.lanes)
+    throw std::logic_error("peek at peer " + std::to_string(peer) + " lane " + std::to_string(lane));
+  const uint64_t tail = recvTail_[size_t(peer) * opt_.lanes + lane];
+  const uint64_t head = loadAcquire(&channel(peer, rank_, lane)->head);
+  if (head == tail) return false;
+  if (head - tail > uint64_t(opt_.slots))
+    corrupted(peer, "its send counter is " + std::to_string(head - tail) + " pieces ahead, with " +
+                        std::to_string(opt_.slots) + " slots");
+  *desc = reinterpret_cast<const PieceHeader*>(slot(peer, rank_, lane, tail))->desc;
+  return true;
+}
+
+bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
+                           Clock::time_point deadline, Clock::time_point returnBy,
+                           Clock::time_point since) {
+  usable();
   auto& tasks = plan.tasks();
   const size_t nch = size_t(size_) * opt_.lanes;
   std::vector<std::vector<int>> sendQ(nch), recvQ(nch);
@@ -493,10 +514,10 @@ bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
   size_t remaining = 0;  // required tasks not yet done
   for (const Task& t : tasks) remaining += t.optional ? 0 : 1;
   const size_t esize = dtypeSize(reduceType);
-  Progress progress(*this, desc, deadline);
+  Progress progress(*this, desc, deadline, since);
 
   while (remaining) {
-    bool moved = false;
+    bool moved = false, woken = false;
     int waitingOn = -1;
     for (size_t q = 0; q < nch; ++q) {
       const int peer = int(q / opt_.lanes), lane = int(q % opt_.lanes);
@@ -505,6 +526,7 @@ bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
         if (t.done == t.bytes) {
           ++sHead[q];
           if (!t.optional) --remaining;
+          woken |= t.wake;
           moved = true;
           continue;
         }
@@ -512,7 +534,7 @@ bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
         if (allowed <= t.done) break;
         size_t n = std::min(opt_.slotBytes, allowed - t.done);
         if (!trySend(peer, lane, plan.descOf(t, desc), t.src + t.done, n)) {
-          if (waitingOn < 0) waitingOn = peer;
+          if (waitingOn < 0 && !t.optional) waitingOn = peer;
           break;
         }
         t.done += n;
@@ -523,6 +545,7 @@ bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
         if (t.done == t.bytes) {
           ++rHead[q];
           if (!t.optional) --remaining;
+          woken |= t.wake;
           moved = true;
           continue;
         }
@@ -530,12 +553,16 @@ bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
         uint64_t tail = recvTail_[q];
         const uint64_t head = loadAcquire(&c->head);
         if (head == tail) {
-          waitingOn = peer;
+          if (!t.optional) waitingOn = peer;  // messages riding along wait for no one
           break;
         }
         if (head - tail > uint64_t(opt_.slots))
           corrupted(peer, "its send counter is " + std::to_string(head - tail) + " pieces ahead, with " +
                               std::to_string(opt_.slots) + " slots");
+        if (t.kind == Task::Probe) {  // a piece is there: the caller matches it
+          t.done = t.bytes;
+          continue;
+        }
         const char* s = slot(peer, rank_, lane, tail);
         const auto* ph = reinterpret_cast<const PieceHeader*>(s);
         const OpDesc& want = plan.descOf(t, desc);
@@ -565,6 +592,7 @@ bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
         moved = true;
       }
     }
+    if (woken) return remaining == 0;
     if (moved) {
       progress.progressed();
     } else {

@@ -49,9 +49,14 @@ class ShmTransport final : public Transport {
   int lanes() const override { return opt_.lanes; }
   const char* name() const override { return "shm"; }
   bool execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
-               Clock::time_point deadline, Clock::time_point returnBy) override;
+               Clock::time_point deadline, Clock::time_point returnBy,
+               Clock::time_point since) override;
+  bool peek(int peer, int lane, OpDesc* desc) override;
   void publish(const OpDesc& desc) override;
   void abort(const std::string& why) override;
+  void checkPeers(const OpDesc& desc, int waitingOn) override;  // throws if a peer died or gave up
+  std::string peerState(int peer) const override;
+  [[noreturn]] void fail(const std::string& msg, int kind) override;
 
   // Tests of the bounds checks: damages this rank's own segment the way a bug or a stray
   // writer could ("pid", "abort" or "counter"), so that its peers must notice.
@@ -71,9 +76,7 @@ class ShmTransport final : public Transport {
   Channel* channel(int owner, int dst, int lane) const;
   char* slot(int owner, int dst, int lane, uint64_t index) const;
   bool trySend(int peer, int lane, const OpDesc& desc, const char* data, size_t n);
-  void checkPeers(const OpDesc& desc, int waitingOn);  // throws if a peer died or gave up
-  std::string peerState(int peer) const;
-  [[noreturn]] void fail(const std::string& msg, int kind);
+  void usable() const;  // throws once this communicator has failed
   [[noreturn]] void corrupted(int peer, const std::string& what);
 
   int rank_, size_;

@@ -23,12 +23,28 @@ class Transport {
   virtual const char* name() const = 0;
 
   // Runs `plan` until its required tasks are done (returns true), or until `returnBy`
-  // passes first (returns false; call again to go on: progress is kept in the tasks).
-  // `desc` identifies the collective (checked against what the peers send);
-  // `reduceType`/`op` say how RecvReduce tasks combine bytes.  Past `deadline` it raises.
+  // passes or a task marked `wake` is done first (returns false; call again to go on:
+  // progress is kept in the tasks).  `desc` identifies the collective (checked against
+  // what the peers send); `reduceType`/`op` say how RecvReduce tasks combine bytes.  Past
+  // `deadline` it raises.  `since`: when the caller started waiting (a resumed call), for
+  // the elapsed time its errors report and the first liveness check; default: now.
   virtual bool execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
                        Clock::time_point deadline,
-                       Clock::time_point returnBy = Clock::time_point::max()) = 0;
+                       Clock::time_point returnBy = Clock::time_point::max(),
+                       Clock::time_point since = Clock::time_point()) = 0;
+
+  // The descriptor of the piece waiting at the head of (peer, lane), if one is there;
+  // nothing is consumed.  Point-to-point matching reads a message's tag and size here.
+  virtual bool peek(int peer, int lane, OpDesc* desc) = 0;
+
+  // Throws if a peer died or gave up (`desc` names what this rank is doing, `waitingOn`
+  // the peer it waits for, or -1).
+  virtual void checkPeers(const OpDesc& desc, int waitingOn) = 0;
+  // "rank 1 is at all_reduce #3 (...)": what a peer last published, for error messages.
+  virtual std::string peerState(int peer) const = 0;
+  // Fails this transport for good with `msg` (kind 0 CommError, 1 TimeoutError, 2
+  // MismatchError): peers are told (abort) and every later call raises.
+  [[noreturn]] virtual void fail(const std::string& msg, int kind) = 0;
 
   // Called once the Python layer knows the call is valid, before execute: peers waiting on
   // this rank can then see which collective it is in.

@@ -2,11 +2,14 @@
 
 Every collective is a row of the C++ collective table, run by the group's communicator
 (pycomm._C.Communicator over a ShmTransport: csrc/communicator.cpp, csrc/transport/shm.cpp).
-Point-to-point messages are posted to the communicator and progress whenever this rank
-calls into the group, like MPI's nonblocking operations (see MessageWork).
+Point-to-point messages are posted to the communicator, which matches them by (source,
+tag), and progress whenever this rank calls into the group, like MPI's nonblocking
+operations (see MessageWork).  The backend keeps a posted message's buffers alive until the
+communicator has finished with them, whatever happens to its Work.
 """
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -14,23 +17,51 @@ import torch
 from pycomm import _C
 from pycomm._codes import ALGORITHMS, COLLECTIVES, DTYPES, NONE, Op
 from pycomm.backends import Backend, P2PItem
+from pycomm.errors import CommError
 from pycomm.work import Driven
 
 _ALL_REDUCE = COLLECTIVES["all_reduce"]
 
 
-class MessageWork(Driven):
-    """Posted messages: they move while someone waits on them (or calls into the group)."""
+class _Message:
+    """One posted message, owned by the backend (not by its Work) until the communicator
+    says it is complete: the C++ side writes into (or reads from) its buffers until then."""
 
-    def __init__(self, comm: _C.Communicator, ids: list[int], tensors: list[torch.Tensor]):
-        super().__init__(keep=tuple(tensors) + tuple(t.untyped_storage() for t in tensors))
-        self._comm, self._ids, self._tensors = comm, set(ids), tensors
+    __slots__ = ("keep", "done", "peer", "error")
+
+    def __init__(self, keep: tuple):
+        self.keep = keep        # the tensor and its storage
+        self.done = False
+        self.peer = -1          # once done: the sender of a receive, the destination of a send
+        self.error: BaseException | None = None
+
+
+class MessageWork(Driven):
+    """Posted messages: they move while someone waits on them (or calls into the group).
+    Dropping this handle early is safe: the backend's registry of messages in flight keeps
+    their buffers alive until the communicator has finished with them."""
+
+    def __init__(self, backend: "ShmBackend", messages: list[_Message], tensors: list[torch.Tensor],
+                 any_source: list[bool]):
+        super().__init__()
+        self._backend, self._messages, self._tensors = backend, messages, tensors
+        self._any_source = any_source
 
     def poll(self, slice_s: float) -> bool:
-        if self._ids:
-            self._comm.progress(slice_s)
-            self._ids = {i for i in self._ids if not self._comm.done(i)}
-        return not self._ids
+        if not all(m.done for m in self._messages):
+            self._backend.progress(slice_s)
+        for m in self._messages:
+            if m.error is not None:
+                raise m.error
+        if not all(m.done for m in self._messages):
+            return False
+        # Set before the Work completes: done-callbacks (the torch.distributed adapter's)
+        # read it.
+        for m, anysrc in zip(self._messages, self._any_source):
+            if anysrc:
+                self.source_rank = m.peer
+                break
+        return True
 
     def _outputs(self) -> list[torch.Tensor]:
         return list(self._tensors)
@@ -44,31 +75,90 @@ class ShmBackend(Backend):
         super().__init__(group)
         self.transport = transport
         self.comm = _C.Communicator(transport)
+        # Messages in flight by id: their buffers stay alive until the communicator reports
+        # them complete (checked after every progress and collective call, and at close),
+        # however long their Work lives.
+        self._inflight: dict[int, _Message] = {}
+        self._lock = threading.Lock()  # posting + registering, and reaping, are atomic
 
     def _table(self, collective: str, algo: str, out: torch.Tensor, inp: torch.Tensor, count: int,
                op: Op = NONE, root: int = -1, send_counts: Sequence[int] = (),
                recv_counts: Sequence[int] = ()) -> None:
-        self.comm.collective(COLLECTIVES[collective], ALGORITHMS[algo], out.data_ptr(), inp.data_ptr(),
-                             count, DTYPES[inp.dtype], op.code, root, self.timeout,
-                             list(send_counts), list(recv_counts))
+        try:
+            self.comm.collective(COLLECTIVES[collective], ALGORITHMS[algo], out.data_ptr(), inp.data_ptr(),
+                                 count, DTYPES[inp.dtype], op.code, root, self.timeout,
+                                 list(send_counts), list(recv_counts))
+        finally:
+            if self._inflight:
+                self._reap()
 
     def _all_reduce(self, buf, op, algo):  # the latency-bound path, spelled out
         ptr = buf.data_ptr()
-        self.comm.collective(_ALL_REDUCE, ALGORITHMS[algo], ptr, ptr, buf.numel(), DTYPES[buf.dtype],
-                             op.code, -1, self.timeout)
+        try:
+            self.comm.collective(_ALL_REDUCE, ALGORITHMS[algo], ptr, ptr, buf.numel(), DTYPES[buf.dtype],
+                                 op.code, -1, self.timeout)
+        finally:
+            if self._inflight:
+                self._reap()
 
     def _queue_all_reduce(self, t, op, algo):
         return self.group.queue_native(self.comm, _ALL_REDUCE, ALGORITHMS[algo], t, t, t.numel(),
                                        DTYPES[t.dtype], op.code, -1)
 
     def _barrier(self) -> None:
-        self.comm.barrier(self.timeout)
+        try:
+            self.comm.barrier(self.timeout)
+        finally:
+            if self._inflight:
+                self._reap()
 
     def _p2p(self, items: list[P2PItem]) -> MessageWork:
-        ids = [self.comm.post(is_send, peer, t.data_ptr(), t.numel() * t.element_size(), self.timeout)
-               for is_send, peer, t, _tag in items]
-        return MessageWork(self.comm, ids, [t for _, _, t, _ in items])
+        comm = self._comm()
+        messages = []
+        with self._lock:
+            for is_send, peer, t, tag in items:
+                i = comm.post(is_send, peer, t.data_ptr(), t.numel() * t.element_size(), self.timeout, tag)
+                messages.append(_Message((t, t.untyped_storage())))
+                self._inflight[i] = messages[-1]
+        return MessageWork(self, messages, [t for _, _, t, _ in items],
+                           [not is_send and peer < 0 for is_send, peer, _, _ in items])
+
+    def progress(self, slice_s: float) -> None:
+        """Moves posted messages for at most slice_s seconds (less once one completes)."""
+        comm = self._comm()
+        try:
+            comm.progress(slice_s)
+        finally:
+            self._reap(comm)
+
+    def _comm(self) -> _C.Communicator:
+        comm = self.comm
+        if comm is None:
+            raise CommError("pycomm: this group was destroyed; its messages cannot move any more")
+        return comm
+
+    def _reap(self, comm: _C.Communicator | None = None) -> None:
+        """Releases the buffers of the messages the communicator has completed."""
+        comm = comm or self.comm
+        if comm is None:
+            return
+        with self._lock:
+            for i, peer in comm.completed():
+                m = self._inflight.pop(i, None)
+                if m is not None:
+                    m.peer, m.keep = peer, None
+                    m.done = True
 
     def close(self) -> None:
-        self.comm = None
+        comm, self.comm = self.comm, None
+        if comm is not None:
+            self._reap(comm)
+            # The communicator forgets what is still pending (after any call in progress on
+            # another thread returns): only then are the buffers free to go.
+            gone = CommError("pycomm: the group was destroyed before this message completed")
+            with self._lock:
+                for i in comm.cancel():
+                    m = self._inflight.pop(i, None)
+                    if m is not None:
+                        m.keep, m.error = None, gone
         self.transport = None
