@@ -136,13 +136,13 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "completed",
           [](Communicator& c) {
-            std::vector<Completion> done;
+            std::vector<MessageDone> done;
             {
               py::gil_scoped_release nogil;
               done = c.completed();
             }
             py::list out;
-            for (const Completion& d : done) out.append(py::make_tuple(d.id, d.peer));
+            for (const MessageDone& d : done) out.append(py::make_tuple(d.id, d.peer));
             return out;
           },
           "[(id, peer)] of the messages completed since the last call, each once; peer is "

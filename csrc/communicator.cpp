@@ -109,7 +109,7 @@ std::list<Communicator::Recv>::iterator Communicator::findRecv(uint64_t id) {
   throw std::logic_error("pycomm: no pending receive #" + std::to_string(id));
 }
 
-void Communicator::complete(uint64_t id, int peer) { completed_.push_back(Completion{id, peer}); }
+void Communicator::complete(uint64_t id, int peer) { completed_.push_back(MessageDone{id, peer}); }
 
 void Communicator::forget(Unexpected& u) {
   for (auto it = unexpected_.begin(); it != unexpected_.end(); ++it)
@@ -345,9 +345,9 @@ bool Communicator::progress(double sliceS) {
   return progressLocked(after(sliceS));
 }
 
-std::vector<Completion> Communicator::completed() {
+std::vector<MessageDone> Communicator::completed() {
   std::lock_guard<std::mutex> lock(mu_);
-  std::vector<Completion> out;
+  std::vector<MessageDone> out;
   out.swap(completed_);
   return out;
 }

@@ -24,7 +24,7 @@ struct P2POp {
 };
 
 // A posted message that has completed: its id and the peer (for a receive: the sender).
-struct Completion {
+struct MessageDone {
   uint64_t id;
   int peer;
 };
@@ -63,7 +63,7 @@ class Communicator {
   // message passes its deadline or a peer dies.
   bool progress(double sliceS);
   // The messages completed since the last call, each reported once.
-  std::vector<Completion> completed();
+  std::vector<MessageDone> completed();
   // Forgets every pending message: nothing is read from or written to their buffers after
   // this returns (a call in progress on another thread finishes first).  Their ids.
   std::vector<uint64_t> cancel();
@@ -135,7 +135,7 @@ class Communicator {
   std::list<Unexpected> unexpected_;       // in arrival order
   std::vector<Incoming> incoming_;         // per peer
   int lastServed_ = -1;                    // the peer a receive from any source took last
-  std::vector<Completion> completed_;
+  std::vector<MessageDone> completed_;
   uint64_t nextId_ = 0;
   std::vector<char> scratch_;
   char empty_ = 0, sink_ = 0;  // an empty message travels as one byte of no meaning
