@@ -9,11 +9,17 @@ Every group is built here, once, with its backends (pycomm.backends): shared mem
 its members share a host, the hierarchy (shared memory inside a host, gloo between hosts)
 when they do not, and a CUDA backend for CUDA tensors.  The torch.distributed backend
 (pycomm.c10d) builds its groups with the same function.
+
+Leaving and shrinking.  A rank that leaves while alive (destroy_process_group, process exit,
+torch's abort) says so in its shared memory, so peers that still need it fail at once
+instead of waiting out the timeout.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -28,7 +34,7 @@ from pycomm.group import Group
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 
 
-@dataclass
+@dataclass(eq=False)
 class Context:
     """What the groups of one start-up share (agreed through the store under `key`)."""
 
@@ -52,31 +58,56 @@ class Context:
         token, model, hosts = _rendezvous.agree(store, key, rank, size, timeout, settings)
         return cls(store, key, rank, size, token, timeout, model, hosts, settings)
 
+    def __post_init__(self):
+        _live.add(self)
+
     def group(self, ranks: tuple[int, ...]) -> Group:
         """Builds the next group over `ranks` (ranks of this world).  Every rank of the world
         calls it, for the same groups in the same order."""
         gid, self.next_gid = self.next_gid, self.next_gid + 1
+        return self._build(ranks, gid, f"{self.key}g{gid}/", self.token)
+
+    def _build(self, ranks: tuple[int, ...], gid: int, prefix: str, token: str) -> Group:
+        """The group over `ranks`, agreed under store prefix `prefix`, its segments named
+        with `token` (a shrunk group keeps its gid under a fresh token and prefix)."""
         g = Group(ranks=ranks, rank=ranks.index(self.rank) if self.rank in ranks else -1, gid=gid,
                   timeout=self.timeout, model=self.model, settings=self.settings,
-                  hosts=tuple(self.hosts[r] for r in ranks))
+                  hosts=tuple(self.hosts[r] for r in ranks), key=prefix)
         self.groups.append(g)
         if g.rank < 0:
             return g
-        prefix = f"{self.key}g{gid}/"
         if len(set(g.hosts)) == 1:
-            transport = _rendezvous.shm_transport(self.store, prefix, g.rank, ranks, self.token,
+            transport = _rendezvous.shm_transport(self.store, prefix, g.rank, ranks, token,
                                                   self.timeout, f"g{gid}", self.settings)
             cpu = ShmBackend(g, transport)
             barrier = cpu._barrier
         else:
-            cpu = HierarchyBackend(g, self.store, prefix, self.token)
+            cpu = HierarchyBackend(g, self.store, prefix, token)
             barrier = None
         g.backends = {"cpu": cpu, "cuda": CudaBackend(g, self.store, prefix, barrier)}
         return g
 
-    def close(self) -> None:
+    def leave(self, reason: str) -> None:
+        """Tells every group's peers that this rank leaves, without waiting for anything
+        (process exit, torch's abort); close() releases the resources."""
         for g in self.groups:
-            g.close()
+            g.leave(reason)
+
+    def close(self, reason: str = "destroy_process_group") -> None:
+        _live.discard(self)
+        for g in self.groups:
+            g.close(reason)
+
+
+# Every context not yet closed, so that a process that exits without destroying its groups
+# still tells its peers (process exit is not a failure they should wait out).
+_live: "weakref.WeakSet[Context]" = weakref.WeakSet()
+
+
+@atexit.register
+def _leave_at_exit() -> None:
+    for ctx in list(_live):
+        ctx.leave("process exit")
 
 
 _world: Context | None = None
@@ -219,3 +250,4 @@ def destroy_process_group() -> None:
     w, _world = _world, None
     if w is not None:
         w.close()
+

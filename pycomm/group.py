@@ -66,6 +66,8 @@ class Group:
     """the backend of each device type ("cpu", "cuda"), chosen when the group was built"""
     hosts: tuple[str, ...] = field(default=(), repr=False)
     """host identity of each member"""
+    key: str = field(default="", repr=False)
+    """the group's prefix in the rendezvous store (pycomm.shrink agrees under it)"""
     _executor: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
     _last: concurrent.futures.Future | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -140,8 +142,21 @@ class Group:
 
     # ------------------------------------------------------------------ shut-down
 
-    def close(self) -> None:
-        """Waits for queued async operations, then releases every backend."""
+    def leave(self, reason: str) -> None:
+        """Tells the peers this rank is leaving, now (see Backend.leave); close() still
+        releases the resources."""
+        for b in list(self.backends.values()):
+            b.leave(reason)
+
+    def gone(self) -> dict[int, str]:
+        """Group ranks that cannot take part any more, with why (Backend.gone)."""
+        cpu = self.backends.get("cpu")
+        return cpu.gone() if cpu is not None else {}
+
+    def close(self, reason: str = "destroy_process_group") -> None:
+        """Waits for queued async operations, tells the peers this rank leaves (`reason`),
+        then releases every backend.  Leaving comes after the queued work: a peer that is
+        still in that work must not fail because this rank is shutting down."""
         with self._lock:
             self._closed = True
             ex, self._executor = self._executor, None
@@ -150,6 +165,7 @@ class Group:
         backends, self.backends = self.backends, {}
         for b in backends.values():
             try:
+                b.leave(reason)
                 b.close()
             except CommError:
                 pass

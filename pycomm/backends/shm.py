@@ -65,6 +65,13 @@ class ShmBackend(Backend):
                for is_send, peer, t, _tag in items]
         return MessageWork(self.comm, ids, [t for _, _, t, _ in items])
 
+    def leave(self, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.leave(reason)
+
+    def gone(self) -> dict[int, str]:
+        return dict(self.transport.gone()) if self.transport is not None else {}
+
     def close(self) -> None:
         self.comm = None
         self.transport = None
