@@ -360,9 +360,8 @@ def _agree_survivors(store: dist.Store, old: Group, drop: set[int], timeout: flo
                         "shrink decision, which is not a list of ranks and a token: something other "
                         "than this job wrote it") from e
     if old.rank not in members:
-        late = sorted(set(range(old.size)) - set(members) - set(gone) - drop)
         raise CommTimeoutError(
             f"pycomm.shrink: rank {old.rank} of group {old.gid} was left out: the survivors agreed on "
-            f"ranks {members} of the old group before it arrived (they waited up to {timeout:.1f} s "
-            f"for ranks {late}). It cannot join them; exit, or start a new job")
+            f"ranks {members} of the old group without it (a rank that is stopped, or that does not "
+            f"arrive within {timeout:.1f} s, is left out). It cannot join them; exit, or start a new job")
     return members, token
