@@ -464,8 +464,9 @@ ShmTransport::Blame ShmTransport::follow(int first) const {
     std::string why = goneWhy(r);
     if (!why.empty()) {
       b.rank = r;
-      b.why = why + activity(r) + ", no sign of life for " +
-              secondsAgo(__atomic_load_n(&h->beatNs, __ATOMIC_RELAXED));
+      b.why = why + activity(r);
+      if (!__atomic_load_n(&h->left, __ATOMIC_ACQUIRE))  // stopped or dead: since when
+        b.why += ", no sign of life for " + secondsAgo(__atomic_load_n(&h->beatNs, __ATOMIC_RELAXED));
       return b;
     }
     if (__atomic_load_n(&h->aborted, __ATOMIC_ACQUIRE)) {
