@@ -48,6 +48,13 @@ def _pids() -> list[int]:
     return out.tolist()
 
 
+def _collective_timeout(seconds: float) -> None:
+    """The world group's collectives wait at most `seconds` from now on.  Start-up keeps the
+    pool's generous timeout: on a loaded machine, ranks of a fresh pool start seconds apart."""
+    g = pycomm.distributed.group_or_world(None)
+    g.timeout = g.backends["cpu"].timeout = seconds
+
+
 def _state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -254,12 +261,13 @@ def test_killed_rank_is_named_at_once_and_the_survivors_go_on(run, size, victim)
 # ------------------------------------------------------------------------ SIGSTOP
 
 
-def job_stopped_mid_collective(victim, stopper, algo, trial, then_shrink):
+def job_stopped_mid_collective(victim, stopper, algo, trial, then_shrink, timeout):
     """`stopper` stops `victim` (SIGSTOP) during an all-reduce loop, waits until every other
     rank has failed, then resumes it (SIGCONT).  With then_shrink the survivors shrink before
     it is resumed (a stopped rank is left out at once), and the victim learns it was left out."""
     r, p = pycomm.get_rank(), pycomm.get_world_size()
     pids = _pids()
+    _collective_timeout(timeout)
     flags = f"{world._store_dir}/stop-{world._epoch}-{trial}"
     os.makedirs(flags, exist_ok=True)
     t = torch.ones(1 << 20)
@@ -296,8 +304,8 @@ STOPS = [(3, 2, 0, "ring"), (3, 1, 2, "tree"), (4, 1, 3, "ring"), (4, 3, 0, "tre
 def test_stopped_rank_is_blamed_by_every_survivor(run, pools, size, victim, stopper, algo):
     timeout = 1.5
     for trial in range(SCALE):
-        results = run(size, job_stopped_mid_collective, victim, stopper, algo, trial, False,
-                      pg_timeout=timeout, fresh=True)
+        results = run(size, job_stopped_mid_collective, victim, stopper, algo, trial, False, timeout,
+                      pg_timeout=30.0, fresh=True)
         for r, (etype, msg, failed_after, _) in enumerate(results):
             if r == victim:  # resumed after the others failed: it learns why
                 assert etype == "CommError" and f"rank {victim} (pid" in msg, msg
@@ -309,7 +317,7 @@ def test_stopped_rank_is_blamed_by_every_survivor(run, pools, size, victim, stop
 
 
 def test_stopped_rank_is_shrunk_away_and_told_it_was_left_out(run):
-    results = run(3, job_stopped_mid_collective, 2, 0, "ring", "shrink", True, pg_timeout=1.5,
+    results = run(3, job_stopped_mid_collective, 2, 0, "ring", "shrink", True, 1.5, pg_timeout=30.0,
                   fresh=True)
     for r, (etype, msg, _, shrunk) in enumerate(results[:2]):
         assert "rank 2 (pid" in msg and "is stopped" in msg, msg
@@ -423,5 +431,5 @@ def job_corrupted(what):
 
 @pytest.mark.parametrize("what", ["counter", "pid"])
 def test_corrupted_peer_is_named(run, what):
-    etype, msg = run(2, job_corrupted, what, pg_timeout=10.0, fresh=True)[0]
+    etype, msg = run(2, job_corrupted, what, pg_timeout=30.0, fresh=True)[0]
     assert etype == "CommError" and "rank 1's shared memory corrupted" in msg, msg
