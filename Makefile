@@ -15,8 +15,11 @@ NVCC   := $(shell command -v nvcc 2>/dev/null)
 PYCOMM_CUDA ?= $(if $(NVCC),1,auto)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# `make soak`: the fault battery (tests/collectives/test_faults.py) with SOAK times the soak's
+# operations and the other scenarios' trials; by hand, it takes minutes.
+SOAK ?= 10
 
-.PHONY: test bench install clean
+.PHONY: test bench soak install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +38,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+soak: $(STAMP)
+	PYCOMM_SOAK=$(SOAK) $(PY) -m pytest tests/collectives/test_faults.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)

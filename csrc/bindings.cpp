@@ -82,6 +82,10 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("names"), py::arg("timeout"))
       .def("unlink", &ShmTransport::unlinkOwn)
+      .def("leave", &ShmTransport::leave, py::arg("reason"),
+           "this rank leaves the group alive: peers that still need it fail at once")
+      .def("gone", &ShmTransport::gone,
+           "[(group rank, why)] of the peers that exited, left the group or are stopped")
       .def_static("reap_if_stale", &ShmTransport::reapIfStale, py::arg("name"))
       .def("_corrupt_for_test", &ShmTransport::corruptForTest, py::arg("what"))
 ;

@@ -3,6 +3,7 @@
     python examples/train_gpt.py --dp 2 --tp 2 --pp 1 --steps 20
     python examples/train_gpt.py --pp 2 --schedule interleaved_1f1b --microbatches 4 --timeline t.png
     torchrun --nproc-per-node 4 examples/train_gpt.py --tp 2 --pp 2      # uses RANK/WORLD_SIZE
+    python examples/train_gpt.py --dp 4 --batch 12 --microbatches 1 --kill-rank 2 --at-step 5   # loses a rank
 
 Without RANK in the environment it starts its own dp*tp*pp local processes (pycomm.launch.run).
 Global rank 0 prints ``step N loss X``.  With the same seed in float32 every parallel shape
@@ -25,12 +26,21 @@ the MLP's fc1 bias + GELU is ``kernels.bias_gelu`` (inside ``parallel.ParallelSe
 ``vocab_parallel_cross_entropy``).  They run Triton on a GPU (or under ``TRITON_INTERPRET=1``)
 and their PyTorch fallback on CPU; ``--kernels torch|triton|auto`` sets
 ``PYCOMM_KERNELS_BACKEND`` for the run.
+
+Losing a rank (pure data parallelism): ``--kill-rank R --at-step S`` kills rank R (SIGKILL) as
+step S starts.  The survivors' gradient all-reduce fails naming it; they call
+``pycomm.shrink()``, rebuild the mesh, ``DataParallel.shrink`` re-synchronises the replicas
+(model and AdamW state from the new rank 0), and step S is redone on the survivors with the
+global batch split over them (so ``--batch`` must split evenly over dp - 1 replicas too).  From step S on, the losses
+equal those of a fresh run on dp - 1 ranks resumed (``--resume``) from the checkpoint that
+``--save PATH --save-at S-1`` wrote.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -96,6 +106,16 @@ class TrainConfig:
     """Do not print the per-step lines."""
     kernels: str | None = None
     """PYCOMM_KERNELS_BACKEND for this run (auto, torch, triton); None keeps the environment's."""
+    kill_rank: int | None = None
+    """Global rank that kills itself (SIGKILL) as step ``at_step`` starts; the others go on."""
+    at_step: int = 0
+    """The step at which ``kill_rank`` dies."""
+    save: str | None = None
+    """Write a training checkpoint (model, optimizer, step) here after step ``save_at``."""
+    save_at: int = 0
+    """The step after which ``save`` is written."""
+    resume: str | None = None
+    """Start from the training checkpoint at this path (written by ``save``)."""
 
 
 # ---------------------------------------------------------------------------- model
@@ -221,39 +241,91 @@ def train(tc: TrainConfig, cfg: GPTConfig | None = None, load_state: dict | None
         return _train(tc, cfg or GPTConfig(), load_state, return_state)
 
 
+def _check_fault_options(tc: TrainConfig) -> None:
+    """Losing a rank and the training checkpoints are for pure data parallelism: a lost tensor
+    or pipeline shard, or ZeRO's optimizer shard, has no copy on the survivors."""
+    pure_dp = tc.tp == 1 and tc.pp == 1 and not tc.zero
+    if (tc.kill_rank is not None or tc.save or tc.resume) and not pure_dp:
+        raise ValueError("--kill-rank, --save and --resume need pure data parallelism (--tp 1 --pp 1, "
+                         "no --zero): with sharded state a lost rank takes data no survivor has")
+    if tc.kill_rank is not None:
+        if not 0 <= tc.kill_rank < tc.dp or tc.dp < 2:
+            raise ValueError(f"--kill-rank {tc.kill_rank} must be a rank of --dp {tc.dp} (at least 2)")
+        per = tc.microbatches
+        if tc.batch % (tc.dp * per) or tc.batch % ((tc.dp - 1) * per):
+            raise ValueError(f"--batch {tc.batch} must split into --microbatches {per} equal micro-batches "
+                             f"per replica both on {tc.dp} replicas and on the {tc.dp - 1} survivors; use "
+                             f"--batch {tc.dp * (tc.dp - 1) * per} (or --microbatches 1 and --batch "
+                             f"{tc.dp * (tc.dp - 1)})")
+
+
+def _go_on_without_lost_ranks(err: pycomm.CommError, step: int, tc: TrainConfig, layers, dp, opt):
+    """After a failed step: the survivors shrink the world, rebuild the mesh and the pipeline
+    runtime on it, and re-synchronise the replicas (DataParallel.shrink); returns (mesh,
+    runtime).  The caller redoes the step."""
+    before = pycomm.get_world_size()
+    pycomm.shrink()
+    mesh = parallel.init_mesh(pycomm.get_world_size(), 1, 1)
+    runtime, _ = apply_pipeline(layers, tc, mesh)
+    dp.shrink(mesh.dp_group, optimizer=opt)
+    if pycomm.get_rank() == 0 and not tc.quiet:
+        print(f"step {step}: lost {before - mesh.dp} rank(s) ({err}); going on with {mesh.dp} ranks",
+              flush=True)
+    return mesh, runtime
+
+
 def _train(tc: TrainConfig, cfg: GPTConfig, load_state: dict | None, return_state: bool) -> dict:
     torch.set_num_threads(1)  # one core per process: ranks share the machine
+    _check_fault_options(tc)
     mesh = parallel.init_mesh(tc.dp, tc.tp, tc.pp)
     parallel.manual_seed(tc.seed, mesh.tp_rank)
     layers = build_layers(cfg, mesh.tp_group)
     runtime, local = apply_pipeline(layers, tc, mesh)
+    checkpoint = torch.load(tc.resume, weights_only=True) if tc.resume else None
+    if checkpoint is not None:
+        load_state = checkpoint["model"]
     if load_state is not None:
         parallel.load_full_state_dict(local, load_state)
     dp, opt = apply_data_parallel(local, tc, mesh)
+    if checkpoint is not None:
+        opt.load_state_dict(checkpoint["optim"])
     if tc.batch % tc.dp:
         raise ValueError(f"--batch {tc.batch} must be divisible by --dp {tc.dp}")
-    per_replica = tc.batch // tc.dp
-    rank0 = pycomm.get_rank() == 0
     losses, times = [], []
-    for step in range(1, tc.steps + 1):
+    step = checkpoint["step"] + 1 if checkpoint is not None else 1
+    while step <= tc.steps:
+        if step == tc.at_step and pycomm.get_rank() == tc.kill_rank and mesh.dp == tc.dp:
+            os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.perf_counter()
+        per_replica = tc.batch // mesh.dp
         ids, targets = batch_for_step(cfg, step, tc.batch, tc.seed)
         mine = slice(mesh.dp_rank * per_replica, (mesh.dp_rank + 1) * per_replica)
         opt.zero_grad()
-        if dp is not None:
-            with dp.no_sync():  # one reduction per step, after all micro-batches
+        try:
+            if dp is not None:
+                with dp.no_sync():  # one reduction per step, after all micro-batches
+                    stats = runtime.step(ids[mine], targets[mine])
+                dp.sync_gradients()
+            else:
                 stats = runtime.step(ids[mine], targets[mine])
-            dp.sync_gradients()
-        else:
-            stats = runtime.step(ids[mine], targets[mine])
+        except pycomm.CommError as e:
+            if tc.kill_rank is None:
+                raise
+            mesh, runtime = _go_on_without_lost_ranks(e, step, tc, layers, dp, opt)
+            continue  # redo this step on the survivors
         opt.step()
         loss = torch.tensor([stats.loss], dtype=torch.float64)
         if mesh.dp > 1:
             pycomm.all_reduce(loss, op="avg", group=mesh.dp_group)
         losses.append(float(loss))
         times.append(time.perf_counter() - t0)
-        if rank0 and not tc.quiet:
+        if pycomm.get_rank() == 0 and not tc.quiet:
             print(f"step {step} loss {losses[-1]:.6f}", flush=True)
+        if tc.save and step == tc.save_at and pycomm.get_rank() == 0:
+            torch.save({"model": parallel.full_state_dict(local), "optim": opt.state_dict(), "step": step},
+                       tc.save)
+        step += 1
+    rank0 = pycomm.get_rank() == 0
     result = {"losses": losses, "step_times": times}
     if return_state:
         result["state"] = parallel.full_state_dict(local, mesh.pp_group)
@@ -291,6 +363,12 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--timeline", default=None, help="write the measured pipeline timeline PNG here")
     p.add_argument("--kernels", choices=("auto", "torch", "triton"), default=None,
                    help="PYCOMM_KERNELS_BACKEND for this run (default: the environment's, else auto)")
+    p.add_argument("--kill-rank", type=int, default=None,
+                   help="this rank kills itself as --at-step starts; the others shrink and go on (pure dp)")
+    p.add_argument("--at-step", type=int, default=0)
+    p.add_argument("--save", default=None, help="write a training checkpoint here after --save-at")
+    p.add_argument("--save-at", type=int, default=0)
+    p.add_argument("--resume", default=None, help="start from a training checkpoint written by --save")
     a = p.parse_args(argv)
     return TrainConfig(**vars(a))
 
@@ -307,7 +385,8 @@ def main(argv=None) -> None:
         return
     world = tc.dp * tc.tp * tc.pp
     t0 = time.perf_counter()
-    pycomm.launch.run(_worker, world, args=(tc, cfg))
+    may_die = [tc.kill_rank] if tc.kill_rank is not None else []
+    pycomm.launch.run(_worker, world, args=(tc, cfg), may_die=may_die)
     print(f"{world} process(es), {tc.steps} steps in {time.perf_counter() - t0:.1f} s", flush=True)
 
 

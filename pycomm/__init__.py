@@ -7,6 +7,7 @@
     pycomm.reduce(t, dst=0); pycomm.gather(out, inp, dst=0); pycomm.scatter(out, inp, src=0)
     pycomm.all_to_all(out, inp, output_split_sizes, input_split_sizes)
     pycomm.destroy_process_group()
+    group = pycomm.shrink()                # after a CommError: go on without the lost ranks
 
 `import pycomm` also registers the torch.distributed backend "pycomm" (pycomm.c10d).
 See README.md for the algorithms, the transports, the cost model and the benchmark, and
@@ -22,7 +23,7 @@ from pycomm.collectives import (
 )
 from pycomm.distributed import (
     destroy_process_group, get_cost_model, get_rank, get_world_size, init_process_group,
-    is_initialized, new_group,
+    is_initialized, new_group, shrink,
 )
 from pycomm.errors import CommError, CommMismatchError, CommTimeoutError
 from pycomm.group import Group
@@ -34,7 +35,7 @@ _c10d.register()  # torch.distributed.init_process_group("pycomm")
 __version__ = "0.2.0"
 __all__ = [
     "init_process_group", "destroy_process_group", "new_group", "get_rank", "get_world_size",
-    "is_initialized", "get_cost_model", "Group",
+    "is_initialized", "get_cost_model", "Group", "shrink",
     "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "gather", "scatter",
     "all_to_all", "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv", "P2POp",
     "Work", "CommError", "CommTimeoutError", "CommMismatchError", "CostModel",

@@ -28,7 +28,7 @@ from pycomm._settings import Settings
 from pycomm.errors import CommError, CommTimeoutError
 
 _SEGMENT_RE = re.compile(r"^pycomm-[0-9a-f]{16}-[a-z0-9]+-r\d+$")
-_TOKEN_RE = re.compile(r"^[0-9a-f]{16}$")
+TOKEN_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
 def make_store(rank: int, world_size: int, init_method: str | None, timeout: datetime.timedelta):
@@ -194,7 +194,7 @@ def agree(store: dist.Store, key: str, rank: int, size: int, timeout: float,
     wait_keys(store, {key + f"host/{r}": r for r in range(size)}, timeout, "start pycomm")
     hosts = tuple(store.get(key + f"host/{r}").decode(errors="replace")[:256] for r in range(size))
     token = store.get(key + "token").decode(errors="replace")
-    if not _TOKEN_RE.match(token):
+    if not TOKEN_RE.match(token):
         raise CommError(f"pycomm: the rendezvous store holds {token[:40]!r} as the job's token, "
                         "not 16 hex digits: something other than this job's rank 0 wrote it")
     return token, tuning.CostModel.from_json(store.get(key + "model").decode(errors="replace")), hosts

@@ -314,10 +314,12 @@ class Adapter:
     # ------------------------------------------------------------------ lifetime
 
     def abort(self) -> None:
-        self.shutdown()
+        # Peers (and this rank's own operations in flight) stop now; then the resources go.
+        self.ctx.leave("abort")
+        self.ctx.close("abort")
 
     def shutdown(self) -> None:
-        self.ctx.close()
+        self.ctx.close("destroy_process_group")
 
 
 def _create(store, rank: int, size: int, timeout: datetime.timedelta) -> "_C.TorchBackend":

@@ -79,6 +79,8 @@ class Group:
     """the backend of each device type ("cpu", "cuda"), chosen when the group was built"""
     hosts: tuple[str, ...] = field(default=(), repr=False)
     """host identity of each member"""
+    key: str = field(default="", repr=False)
+    """the group's prefix in the rendezvous store (pycomm.shrink agrees under it)"""
     _closed: bool = field(default=False, repr=False)
     _picks: dict = field(default_factory=dict, repr=False)
     _worker_ident: int = field(default=0, repr=False)
@@ -183,14 +185,28 @@ class Group:
 
     # ------------------------------------------------------------------ shut-down
 
-    def close(self) -> None:
-        """Waits for queued async operations, then releases every backend."""
+    def leave(self, reason: str) -> None:
+        """Tells the peers this rank is leaving, now (see Backend.leave); close() still
+        releases the resources."""
+        for b in list(self.backends.values()):
+            b.leave(reason)
+
+    def gone(self) -> dict[int, str]:
+        """Group ranks that cannot take part any more, with why (Backend.gone)."""
+        cpu = self.backends.get("cpu")
+        return cpu.gone() if cpu is not None else {}
+
+    def close(self, reason: str = "destroy_process_group") -> None:
+        """Waits for queued async operations, tells the peers this rank leaves (`reason`),
+        then releases every backend.  Leaving comes after the queued work: a peer that is
+        still in that work must not fail because this rank is shutting down."""
         self._closed = True
         if self._worker is not None:
             self._worker.close()  # runs what is queued first
         backends, self.backends = self.backends, {}
         for b in backends.values():
             try:
+                b.leave(reason)
                 b.close()
             except CommError:
                 pass

@@ -5,7 +5,9 @@
 
 Each process calls ``pycomm.init_process_group`` over a fresh file store, runs ``fn`` and
 sends back its return value.  If any rank raises, the others are stopped and the first
-error is raised here with the rank's traceback; nothing outlives the call.
+error is raised here with the rank's traceback; nothing outlives the call.  A rank named in
+``may_die`` may exit without a result (its result is None): the others go on, as after
+``pycomm.shrink()`` (the file store survives any rank).
 """
 from __future__ import annotations
 
@@ -47,13 +49,14 @@ def _worker(rank, nprocs, store_path, timeout_s, fn, args, env, queue, hosts):
 
 def run(fn, nprocs: int, args: tuple = (), timeout: float | None = None,
         collective_timeout: float = 60.0, env: dict[str, str] | None = None,
-        hosts: int = 1) -> list:
+        hosts: int = 1, may_die=()) -> list:
     """fn(*args) on ranks 0..nprocs-1; returns their results in rank order.
 
     fn must be importable (a module-level function).  timeout bounds the whole run
     (default: none); collective_timeout is the process group's timeout.  hosts > 1
     simulates that many hosts (ranks in contiguous blocks, each block its own
-    PYCOMM_HOST_ID), which runs the multi-host code paths on one machine.
+    PYCOMM_HOST_ID), which runs the multi-host code paths on one machine.  may_die: ranks
+    allowed to exit without a result (fault-tolerance demonstrations); theirs is None.
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be at least 1, got {nprocs}")
@@ -77,8 +80,10 @@ def run(fn, nprocs: int, args: tuple = (), timeout: float | None = None,
                     rank, ok, value = queue.get(timeout=0.5)
                 except Exception:  # queue.Empty
                     dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                    if dead:
-                        raise RankError(dead[0], f"process exited with code {procs[dead[0]].exitcode}") from None
+                    for r in dead:
+                        if r not in may_die:
+                            raise RankError(r, f"process exited with code {procs[r].exitcode}") from None
+                        results[r] = None
                     if deadline is not None and time.monotonic() > deadline:
                         missing = [r for r in range(nprocs) if r not in results]
                         raise TimeoutError(f"pycomm.launch.run: ranks {missing} did not finish "

@@ -22,7 +22,9 @@ namespace pycomm {
 
 namespace {
 
-constexpr uint64_t kMagic = 0x31306d6d6f637970ULL;  // "pycomm01"
+// "pycomm02": the header grew the fields peers read to explain a failure (who waits for
+// whom, leaving); a segment of an older build is not mistaken for one of this layout.
+constexpr uint64_t kMagic = 0x32306d6d6f637970ULL;
 constexpr size_t kPieceHeader = 64;
 constexpr size_t kHeaderBytes = 4096;
 
@@ -61,6 +63,30 @@ bool procStat(int64_t pid, char* state, uint64_t* startTime) {
 
 std::string errnoText(const std::string& what) { return what + ": " + std::strerror(errno); }
 
+// The state letter of /proc/<pid>/stat ('R', 'S', 'T' stopped, 't' traced, ...), 0 if unknown.
+char processState(int64_t pid) {
+  char state = 0;
+  uint64_t start = 0;
+  return procStat(pid, &state, &start) ? state : 0;
+}
+
+// Steady-clock nanoseconds: CLOCK_MONOTONIC, one clock for every process of the host, so
+// a peer's timestamps can be compared with ours.
+uint64_t nowNs() {
+  return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count());
+}
+
+std::string secondsAgo(uint64_t thenNs) {
+  uint64_t now = nowNs();
+  std::ostringstream os;
+  os.precision(2);
+  os << std::fixed << (thenNs && now > thenNs ? double(now - thenNs) * 1e-9 : 0.0) << " s";
+  return os.str();
+}
+
+// A string a peer wrote: at most `n` bytes, NUL-terminated or not.
+std::string peerText(const char* p, size_t n) { return std::string(p, strnlen(p, n)); }
+
 // Whether process `pid`, started at `startTime` (0: unknown), still runs.
 bool processAlive(int64_t pid, uint64_t startTime) {
   char state = '?';
@@ -80,10 +106,27 @@ struct alignas(64) ShmTransport::Header {
   int64_t pid;
   uint64_t startTime;
   alignas(64) uint32_t aborted;
+  // With `aborted`: the rank at fault as this rank learnt it (-1: none named, e.g. a
+  // mismatch), what it was doing, and the rank that found it.  Passed on unchanged when a
+  // peer stops because of this rank, so every error names the culprit, not the messenger.
+  int32_t blame;
+  int32_t blameBy;
   char abortMsg[1024];
-  // What this rank is executing, written under a sequence lock (odd while being written).
+  char blameWhy[512];
+  // What this rank is executing (`pub`) and the last collective it started (`coll`; `pub`
+  // may be a point-to-point message), written under a sequence lock (odd while written).
   alignas(64) uint64_t pubVersion;
   OpDesc pub;
+  OpDesc coll;
+  // Where this rank stands, for peers that time out waiting on it and follow who waits for
+  // whom.  Read without a lock: it only explains a failure.  Times are nowNs().
+  alignas(64) int32_t waitingOn;  // the rank it waits for now, -1 none
+  uint32_t inOp;                  // 1 while it executes `pub`
+  uint64_t sinceNs;               // when it last entered or left `pub`
+  uint64_t beatNs;                // its last sign of life inside the transport
+  // Set once this rank left the group alive (ShmTransport::leave).
+  alignas(64) uint32_t left;
+  char leftWhy[128];
 };
 
 // head and tail on separate cache lines: the sender writes one, the receiver the other.
@@ -150,6 +193,8 @@ ShmTransport::ShmTransport(int rank, int size, const std::string& name, ShmOptio
   uint64_t start = 0;
   procStat(h->pid, &state, &start);
   h->startTime = start;
+  h->blame = h->blameBy = h->waitingOn = -1;
+  h->sinceNs = h->beatNs = nowNs();
   storeRelease(&h->magic, kMagic);
 }
 
@@ -329,20 +374,142 @@ void ShmTransport::publish(const OpDesc& desc) {
   storeRelease(&h->pubVersion, v + 1);
   __atomic_thread_fence(__ATOMIC_RELEASE);
   h->pub = desc;
+  if (Coll(desc.coll) != Coll::SendRecv) h->coll = desc;
   storeRelease(&h->pubVersion, v + 2);
 }
 
-std::string ShmTransport::peerState(int peer) const {
-  const Header* h = header(peer);
+namespace {
+
+// The published descriptors of header `h` (seqlock); false while the writer is busy.
+template <class H>
+bool readPub(const H* h, OpDesc* pub, OpDesc* coll, uint64_t* version) {
   for (int attempt = 0; attempt < 100; ++attempt) {
     uint64_t v0 = loadAcquire(&h->pubVersion);
-    if (v0 == 0) return "rank " + std::to_string(peer) + " has not started any collective";
-    OpDesc d = h->pub;
+    OpDesc p = h->pub, c = h->coll;
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    if (!(v0 & 1) && loadAcquire(&h->pubVersion) == v0)
-      return "rank " + std::to_string(peer) + " is at " + describe(d);
+    if (!(v0 & 1) && loadAcquire(&h->pubVersion) == v0) {
+      *pub = p;
+      *coll = c;
+      *version = v0;
+      return true;
+    }
   }
-  return "rank " + std::to_string(peer) + " is busy";
+  return false;
+}
+
+}  // namespace
+
+std::string ShmTransport::peerState(int peer) const {
+  const Header* h = header(peer);
+  OpDesc pub, coll;
+  uint64_t v = 0;
+  if (!readPub(h, &pub, &coll, &v)) return "is busy";
+  if (v == 0) return "has not started any collective of this group";
+  if (__atomic_load_n(&h->inOp, __ATOMIC_ACQUIRE)) return "is in " + describe(pub);
+  std::string last = coll.seq ? describe(coll) : describe(pub);
+  return "is not in any collective of this group (its last, " + last + ", ended " +
+         secondsAgo(__atomic_load_n(&h->sinceNs, __ATOMIC_RELAXED)) + " ago)";
+}
+
+std::string ShmTransport::activity(int peer) const {
+  const Header* h = header(peer);
+  OpDesc pub, coll;
+  uint64_t v = 0;
+  if (!readPub(h, &pub, &coll, &v)) return "";
+  if (v == 0) return " before its first collective in this group";
+  if (__atomic_load_n(&h->inOp, __ATOMIC_ACQUIRE)) return " in the middle of " + describe(pub);
+  return " between collectives (its last, " + describe(coll.seq ? coll : pub) + ", ended " +
+         secondsAgo(__atomic_load_n(&h->sinceNs, __ATOMIC_RELAXED)) + " ago)";
+}
+
+std::string ShmTransport::goneWhy(int peer) const {
+  const Header* h = header(peer);
+  const std::string who = "rank " + std::to_string(peer) + " (pid " + std::to_string(h->pid) + ")";
+  if (h->pid <= 0) return "";  // corrupted: checkPeers says so
+  if (!processAlive(h->pid, h->startTime)) return who + " exited";
+  if (__atomic_load_n(&h->left, __ATOMIC_ACQUIRE))
+    return "rank " + std::to_string(peer) + " left the group (" + peerText(h->leftWhy, sizeof(h->leftWhy)) + ")";
+  char state = processState(h->pid);
+  if (state == 'T' || state == 't')
+    return who + " is stopped (process state " + std::string(1, state) +
+           ": SIGSTOP, Ctrl-Z or a debugger; SIGCONT resumes it)";
+  return "";
+}
+
+std::vector<std::pair<int, std::string>> ShmTransport::gone() const {
+  std::vector<std::pair<int, std::string>> out;
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    std::string why = goneWhy(r);
+    if (!why.empty()) out.emplace_back(r, why);
+  }
+  return out;
+}
+
+// From the rank this one waits for, follow each rank's published waitingOn until a rank
+// that is not waiting on another: that one is late.  It is gone (exited, left, stopped),
+// failed (then its own finding is passed on), outside any collective of this group
+// (computing, or in another group), or in the collective but waiting for nobody (busy, or
+// descheduled).  A healthy rank blocked on the late one is only a link of the chain.
+ShmTransport::Blame ShmTransport::follow(int first) const {
+  Blame b;
+  std::vector<char> seen(size_, 0);
+  seen[rank_] = 1;
+  int r = first;
+  for (;;) {
+    b.path.push_back(r);
+    seen[r] = 1;
+    const Header* h = header(r);
+    const std::string name = "rank " + std::to_string(r);
+    std::string why = goneWhy(r);
+    if (!why.empty()) {
+      b.rank = r;
+      b.why = why + activity(r);
+      if (!__atomic_load_n(&h->left, __ATOMIC_ACQUIRE))  // stopped or dead: since when
+        b.why += ", no sign of life for " + secondsAgo(__atomic_load_n(&h->beatNs, __ATOMIC_RELAXED));
+      return b;
+    }
+    if (__atomic_load_n(&h->aborted, __ATOMIC_ACQUIRE)) {
+      int blame = __atomic_load_n(&h->blame, __ATOMIC_RELAXED);
+      if (blame >= 0 && blame < size_ && blame != r) {
+        b.rank = blame;
+        b.why = peerText(h->blameWhy, sizeof(h->blameWhy));
+        b.by = r;
+        b.relayed = true;
+      } else {
+        b.rank = r;
+        b.why = name + " gave up: " + peerText(h->abortMsg, sizeof(h->abortMsg));
+      }
+      return b;
+    }
+    if (!__atomic_load_n(&h->inOp, __ATOMIC_ACQUIRE)) {
+      b.rank = r;
+      b.why = name + " " + peerState(r) + ": it is computing, or waiting in another group";
+      return b;
+    }
+    int w = __atomic_load_n(&h->waitingOn, __ATOMIC_RELAXED);
+    if (w < 0 || w >= size_ || w == r) {
+      b.rank = r;
+      b.why = name + " " + peerState(r) + " and waits for no one: it is busy (copying or reducing) "
+              "or not given a core, last sign of life " +
+              secondsAgo(__atomic_load_n(&h->beatNs, __ATOMIC_RELAXED)) + " ago";
+      return b;
+    }
+    if (seen[w]) {  // waits that close a circle: nobody in it is late, the plans disagree
+      b.rank = -1;
+      b.why = name + " " + peerState(r) + " and waits for rank " + std::to_string(w) +
+              " in turn: these ranks wait for each other";
+      return b;
+    }
+    r = w;
+  }
+}
+
+void ShmTransport::setWaiting(int peer) {
+  waiting_ = peer;
+  Header* h = header(rank_);
+  __atomic_store_n(&h->waitingOn, int32_t(peer), __ATOMIC_RELAXED);
+  __atomic_store_n(&h->beatNs, nowNs(), __ATOMIC_RELAXED);
 }
 
 void ShmTransport::abort(const std::string& why) {
@@ -354,16 +521,35 @@ void ShmTransport::abort(const std::string& why) {
   __atomic_store_n(&h->aborted, 1u, __ATOMIC_RELEASE);
 }
 
+void ShmTransport::leave(const std::string& reason) {
+  Header* h = header(rank_);
+  if (__atomic_load_n(&h->left, __ATOMIC_ACQUIRE)) return;
+  size_t n = std::min(reason.size(), sizeof(h->leftWhy) - 1);
+  std::memcpy(h->leftWhy, reason.data(), n);
+  h->leftWhy[n] = 0;
+  __atomic_store_n(&h->left, 1u, __ATOMIC_RELEASE);
+}
+
 // kind: 0 CommError, 1 TimeoutError, 2 MismatchError.  Every failure is also announced to
-// the peers (abort) and makes this communicator unusable: its channels may hold pieces of
-// a collective that will never finish.
-void ShmTransport::fail(const std::string& msg, int kind) {
+// the peers (abort), with the rank at fault, and makes this communicator unusable: its
+// channels may hold pieces of a collective that will never finish.
+void ShmTransport::fail(const std::string& msg, int kind, const Blame& blame) {
   failure_ = msg;
+  Header* h = header(rank_);
+  if (!__atomic_load_n(&h->aborted, __ATOMIC_ACQUIRE)) {
+    size_t n = std::min(blame.why.size(), sizeof(h->blameWhy) - 1);
+    std::memcpy(h->blameWhy, blame.why.data(), n);
+    h->blameWhy[n] = 0;
+    h->blameBy = blame.by >= 0 ? blame.by : rank_;
+    h->blame = blame.rank;
+  }
   abort(msg);
   if (kind == 1) throw TimeoutError(msg);
   if (kind == 2) throw MismatchError(msg);
   throw CommError(msg);
 }
+
+void ShmTransport::fail(const std::string& msg, int kind) { fail(msg, kind, Blame()); }
 
 // Everything read from a peer's memory is checked before use; memory that breaks the
 // protocol (a bug, or a process of this user writing into it) fails the collective with an
@@ -371,37 +557,88 @@ void ShmTransport::fail(const std::string& msg, int kind) {
 void ShmTransport::corrupted(int peer, const std::string& what) {
   fail("pycomm: rank " + std::to_string(rank_) + " found rank " + std::to_string(peer) +
            "'s shared memory corrupted: " + what + ". The group cannot go on; start a new one",
-       0);
+       0, Blame{peer, "rank " + std::to_string(peer) + "'s shared memory is corrupted: " + what});
 }
 
+std::vector<char> ShmTransport::neededPeers(const std::vector<Task>& tasks) const {
+  std::vector<char> need(size_, 0);
+  for (const Task& t : tasks) {
+    if (t.optional || t.done == t.bytes || need[t.peer]) continue;
+    if (t.kind == Task::Send) {
+      need[t.peer] = 1;  // it must still take these bytes
+    } else {
+      // A peer that finished its part has put all it sends us into its slots already.
+      const Channel* c = channel(t.peer, rank_, t.lane);
+      need[t.peer] = loadAcquire(&c->head) == recvTail_[size_t(t.peer) * opt_.lanes + t.lane];
+    }
+  }
+  return need;
+}
+
+// What the communicator asks between progress slices: it waits on `waitingOn` (a message
+// from or to that peer), or on anyone (-1: a receive from any source).
 void ShmTransport::checkPeers(const OpDesc& desc, int waitingOn) {
+  std::vector<char> needed(size_, waitingOn < 0 ? 1 : 0);
+  if (waitingOn >= 0 && waitingOn < size_) needed[waitingOn] = 1;
+  needed[rank_] = 0;
+  checkPeers(desc, needed);
+}
+
+void ShmTransport::checkPeers(const OpDesc& desc, const std::vector<char>& needed) {
+  const std::string me = "rank " + std::to_string(rank_);
+  Header* mine = header(rank_);
+  // Another thread of this process gave up on the group (torch's abort, shut-down).
+  if (__atomic_load_n(&mine->left, __ATOMIC_ACQUIRE))
+    fail("pycomm: " + describe(desc) + " on " + me + " stopped: this rank left the group (" +
+             peerText(mine->leftWhy, sizeof(mine->leftWhy)) + ") while it ran",
+         0);
+  if (__atomic_load_n(&mine->aborted, __ATOMIC_ACQUIRE)) {
+    failure_ = "pycomm: " + describe(desc) + " on " + me + " was aborted: " +
+               peerText(mine->abortMsg, sizeof(mine->abortMsg));
+    throw CommError(failure_);
+  }
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
     Header* h = header(r);
-    if (__atomic_load_n(&h->aborted, __ATOMIC_ACQUIRE)) {
-      fail("pycomm: " + describe(desc) + " on rank " + std::to_string(rank_) + " stopped because rank " +
-               std::to_string(r) + " failed: " +
-               std::string(h->abortMsg, strnlen(h->abortMsg, sizeof(h->abortMsg))),
-           0);
-    }
     if (h->pid <= 0) corrupted(r, "its header names pid " + std::to_string(h->pid));
-    if (!processAlive(h->pid, h->startTime)) {
-      fail("pycomm: " + describe(desc) + " on rank " + std::to_string(rank_) + " failed: rank " +
-               std::to_string(r) + " (pid " + std::to_string(h->pid) + ") exited" +
-               (r == waitingOn ? " while this rank was waiting for it" : ""),
-           0);
+    const std::string peer = "rank " + std::to_string(r);
+    // A peer this rank no longer needs may have finished its part and gone: that is a
+    // normal shut-down, not a failure.
+    if (needed[r] && __atomic_load_n(&h->aborted, __ATOMIC_ACQUIRE)) {
+      int blame = __atomic_load_n(&h->blame, __ATOMIC_RELAXED);
+      int by = __atomic_load_n(&h->blameBy, __ATOMIC_RELAXED);
+      if (blame < -1 || blame >= size_ || by < -1 || by >= size_)
+        corrupted(r, "it blames rank " + std::to_string(blame) + " (found by rank " + std::to_string(by) + ")");
+      const std::string msg = peerText(h->abortMsg, sizeof(h->abortMsg));
+      if (blame >= 0 && blame != rank_) {
+        Blame b{blame, peerText(h->blameWhy, sizeof(h->blameWhy)), {}, by};
+        fail("pycomm: " + describe(desc) + " on " + me + " failed: " + b.why + " (found by rank " +
+                 std::to_string(by) + ", which gave up and told the group)",
+             0, b);
+      }
+      fail("pycomm: " + describe(desc) + " on " + me + " stopped because " + peer + " failed: " + msg, 0,
+           Blame{blame, blame >= 0 ? peerText(h->blameWhy, sizeof(h->blameWhy)) : "", {}, by});
+    }
+    if (needed[r] && !processAlive(h->pid, h->startTime)) {
+      std::string why = peer + " (pid " + std::to_string(h->pid) + ") exited";
+      fail("pycomm: " + describe(desc) + " on " + me + " failed: " + why + " while this rank was waiting for it",
+           0, Blame{r, why + activity(r)});
+    }
+    if (needed[r] && __atomic_load_n(&h->left, __ATOMIC_ACQUIRE)) {
+      std::string why = peer + " left the group (" + peerText(h->leftWhy, sizeof(h->leftWhy)) + ")";
+      fail("pycomm: " + why + " while " + me + " waited in " + describe(desc) + " for it; it " + peerState(r) +
+               ". Destroy the group on every rank, or call pycomm.shrink() to go on without it",
+           0, Blame{r, why + activity(r)});
     }
     // A peer that published a different collective under the same sequence number has
     // been called with other arguments: report it instead of waiting for bytes it will
     // never send.
     if (Coll(desc.coll) != Coll::SendRecv) {
-      uint64_t v0 = loadAcquire(&h->pubVersion);
-      OpDesc d = h->pub;
-      __atomic_thread_fence(__ATOMIC_ACQUIRE);
-      if (v0 && !(v0 & 1) && loadAcquire(&h->pubVersion) == v0 && Coll(d.coll) != Coll::SendRecv &&
-          d.seq == desc.seq && !sameOp(d, desc)) {
-        fail("pycomm: mismatched collectives: rank " + std::to_string(rank_) + " called " +
-                 describe(desc) + " but rank " + std::to_string(r) + " called " + describe(d) +
+      OpDesc d, c;
+      uint64_t v0 = 0;
+      if (readPub(h, &d, &c, &v0) && v0 && Coll(d.coll) != Coll::SendRecv && d.seq == desc.seq && !sameOp(d, desc)) {
+        fail("pycomm: mismatched collectives: " + me + " called " + describe(desc) + " but " + peer +
+                 " called " + describe(d) +
                  "; every rank must call the same collectives in the same order with the same "
                  "sizes, dtypes, ops and algorithm",
              2);
@@ -418,32 +655,30 @@ class ShmTransport::Progress {
   // Peers are first checked 5 ms into a wait: the check reads /proc (tens of
   // microseconds), which a peer arriving a few microseconds late must not pay for.
   // `since`: when the wait began (a resumed wait started earlier than this call).
-  Progress(ShmTransport& t, const OpDesc& desc, Clock::time_point deadline, Clock::time_point since)
-      : t_(t), desc_(desc), deadline_(deadline),
+  Progress(ShmTransport& t, const OpDesc& desc, const std::vector<Task>& tasks, Clock::time_point deadline,
+           Clock::time_point since)
+      : t_(t), desc_(desc), tasks_(tasks), deadline_(deadline),
         start_(since == Clock::time_point() ? Clock::now() : since),
         nextCheck_(start_ + std::chrono::milliseconds(5)) {}
-  void progressed() { idle_ = 0; }
+  void progressed() {
+    idle_ = 0;
+    if (t_.waiting_ >= 0) t_.setWaiting(-1);
+  }
   void idle(int waitingOn) {
     ++idle_;
     if (idle_ < 512) {
       cpuRelax();
       return;
     }
+    // Past the spin, peers that time out on this rank can see whom it waits for.
+    if (waitingOn != t_.waiting_) t_.setWaiting(waitingOn);
     auto now = Clock::now();
     if (now >= nextCheck_) {
-      t_.checkPeers(desc_, waitingOn);
+      t_.checkPeers(desc_, t_.neededPeers(tasks_));
+      __atomic_store_n(&t_.header(t_.rank_)->beatNs, nowNs(), __ATOMIC_RELAXED);
       nextCheck_ = now + std::chrono::milliseconds(5);
     }
-    if (now >= deadline_) {
-      double s = std::chrono::duration<double>(now - start_).count();
-      std::ostringstream os;
-      os.precision(3);
-      os << "pycomm: " << describe(desc_) << " timed out after " << s << " s on rank " << t_.rank_
-         << " of " << t_.size_;
-      if (waitingOn >= 0)
-        os << ": waiting for rank " << waitingOn << " (" << t_.peerState(waitingOn) << ")";
-      t_.fail(os.str(), 1);
-    }
+    if (now >= deadline_) timeout(now, waitingOn);
     if (idle_ < 4096) {
       sched_yield();
     } else {
@@ -455,8 +690,27 @@ class ShmTransport::Progress {
   }
 
  private:
+  // Names the rank that is actually late, not just the one this rank waits for: that one
+  // may itself be blocked on the culprit (NCCL's desync report, torch's flight recorder).
+  [[noreturn]] void timeout(Clock::time_point now, int waitingOn) {
+    double s = std::chrono::duration<double>(now - start_).count();
+    std::ostringstream os;
+    os.precision(3);
+    os << "pycomm: " << describe(desc_) << " timed out after " << s << " s on rank " << t_.rank_
+       << " of " << t_.size_;
+    Blame b;
+    if (waitingOn >= 0) {
+      b = t_.follow(waitingOn);
+      os << ": waiting for rank " << waitingOn;
+      for (size_t i = 1; i < b.path.size(); ++i) os << ", which waits for rank " << b.path[i];
+      os << (b.relayed ? ", which gave up because " : ": ") << b.why;
+    }
+    t_.fail(os.str(), 1, b);
+  }
+
   ShmTransport& t_;
   const OpDesc& desc_;
+  const std::vector<Task>& tasks_;
   Clock::time_point deadline_, start_, nextCheck_;
   long idle_ = 0;
 };
@@ -475,6 +729,38 @@ size_t allowedBytes(const std::vector<Task>& tasks, const Task& t) {
 }
 
 }  // namespace
+
+// Marks this rank in or out of the collective in its header around the work (peers that
+// time out read it), and makes sure no exception leaves a collective without telling the
+// peers: an internal error mid-way leaves the channels half used, like any failure.
+bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
+                           Clock::time_point deadline, Clock::time_point returnBy,
+                           Clock::time_point since) {
+  Header* h = header(rank_);
+  auto mark = [&](uint32_t in) {
+    uint64_t now = nowNs();
+    __atomic_store_n(&h->sinceNs, now, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->beatNs, now, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->inOp, in, __ATOMIC_RELEASE);
+    if (waiting_ >= 0) setWaiting(-1);
+  };
+  mark(1);
+  try {
+    bool finished = run(plan, desc, reduceType, op, deadline, returnBy, since);
+    mark(0);
+    return finished;
+  } catch (const CommError&) {
+    mark(0);
+    throw;
+  } catch (const std::exception& e) {
+    mark(0);
+    if (failure_.empty()) {
+      failure_ = "pycomm: " + describe(desc) + " on rank " + std::to_string(rank_) + " failed: " + e.what();
+      abort(failure_);
+    }
+    throw;
+  }
+}
 
 void ShmTransport::usable() const {
   if (!failure_.empty())
@@ -496,9 +782,8 @@ bool ShmTransport::peek(int peer, int lane, OpDesc* desc) {
   return true;
 }
 
-bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
-                           Clock::time_point deadline, Clock::time_point returnBy,
-                           Clock::time_point since) {
+bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
+                       Clock::time_point deadline, Clock::time_point returnBy, Clock::time_point since) {
   usable();
   auto& tasks = plan.tasks();
   const size_t nch = size_t(size_) * opt_.lanes;
@@ -514,7 +799,7 @@ bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
   size_t remaining = 0;  // required tasks not yet done
   for (const Task& t : tasks) remaining += t.optional ? 0 : 1;
   const size_t esize = dtypeSize(reduceType);
-  Progress progress(*this, desc, deadline, since);
+  Progress progress(*this, desc, tasks, deadline, since);
 
   while (remaining) {
     bool moved = false, woken = false;

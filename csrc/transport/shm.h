@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "transport/transport.h"
@@ -58,6 +59,14 @@ class ShmTransport final : public Transport {
   std::string peerState(int peer) const override;
   [[noreturn]] void fail(const std::string& msg, int kind) override;
 
+  // This rank leaves the group alive (destroy_process_group, process exit, torch's abort):
+  // peers that still need it fail at once, naming it and `reason`, instead of waiting out
+  // the timeout.  Peers that no longer need it (it finished its part) are not disturbed.
+  void leave(const std::string& reason);
+  // Peers that cannot take part any more, for shrink: group rank -> why (exited, left the
+  // group, or stopped by a signal).  Ranks that merely failed (aborted) are alive.
+  std::vector<std::pair<int, std::string>> gone() const;
+
   // Tests of the bounds checks: damages this rank's own segment the way a bug or a stray
   // writer could ("pid", "abort" or "counter"), so that its peers must notice.
   void corruptForTest(const std::string& what);
@@ -75,8 +84,30 @@ class ShmTransport final : public Transport {
   Header* header(int r) const;
   Channel* channel(int owner, int dst, int lane) const;
   char* slot(int owner, int dst, int lane, uint64_t index) const;
+  struct Blame {
+    int rank = -1;          // the rank at fault, -1 if none could be named
+    std::string why;        // "rank 2 (pid 123) is stopped (...) in the middle of all_reduce #3 (...)"
+    std::vector<int> path;  // the ranks followed from the one waited for to `rank`
+    int by = -1;            // the rank that found it (-1: this one)
+    bool relayed = false;   // the last rank of `path` gave up and `why` is what it found
+  };
+
   bool trySend(int peer, int lane, const OpDesc& desc, const char* data, size_t n);
   void usable() const;  // throws once this communicator has failed
+  bool run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op, Clock::time_point deadline,
+           Clock::time_point returnBy, Clock::time_point since);
+  // Peers the unfinished part of `tasks` still waits on: a send to them, or a receive from
+  // them whose channel holds nothing.  Only these can fail the collective by going away.
+  std::vector<char> neededPeers(const std::vector<Task>& tasks) const;
+  // Throws if a needed peer died, left or gave up, this rank was aborted from another
+  // thread, or a peer called another collective under this sequence number.
+  void checkPeers(const OpDesc& desc, const std::vector<char>& needed);
+  // Follows who waits for whom from `first` to the rank that is actually late.
+  Blame follow(int first) const;
+  std::string activity(int peer) const;    // " in the middle of all_reduce #3 (...)"
+  std::string goneWhy(int peer) const;     // why `peer` cannot take part any more, "" if it can
+  void setWaiting(int peer);               // what peers read in this rank's header
+  [[noreturn]] void fail(const std::string& msg, int kind, const Blame& blame);
   [[noreturn]] void corrupted(int peer, const std::string& what);
 
   int rank_, size_;
@@ -88,6 +119,7 @@ class ShmTransport final : public Transport {
   std::vector<uint64_t> sendHead_;    // cached copies of the counters we own
   std::vector<uint64_t> recvTail_;
   std::string failure_;               // set once this communicator has failed
+  int waiting_ = -1;                  // cached copy of this rank's published waitingOn
 };
 
 }  // namespace pycomm

@@ -218,6 +218,17 @@ class Backend:
     def close(self) -> None:
         """Releases the transport's resources (destroy_process_group)."""
 
+    def leave(self, reason: str) -> None:
+        """Tells the peers that this rank leaves the group alive (`reason`:
+        "destroy_process_group", "process exit", "abort"), so that the ones that still need
+        it fail at once instead of waiting out the timeout.  Transports that cannot say so
+        leave it to the connection closing."""
+
+    def gone(self) -> dict[int, str]:
+        """Group ranks that cannot take part any more (exited, left, stopped), with why, as
+        far as this rank can see (pycomm.shrink excludes them without waiting)."""
+        return {}
+
     # ------------------------------------------------------------------ primitives
 
     def _table(self, collective: str, algo: str, out: torch.Tensor, inp: torch.Tensor, count: int,

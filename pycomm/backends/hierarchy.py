@@ -140,6 +140,21 @@ class HierarchyBackend(Backend):
         """Group ranks of the cross-host gloo group of this rank's local index."""
         return tuple(m[self.local_index] for m in self.host_members)
 
+    def leave(self, reason: str) -> None:
+        # Across hosts the closing gloo connections tell the peers; on this host, the flag.
+        t = self._transport
+        if t is not None:
+            t.leave(reason)
+
+    def gone(self) -> dict[int, str]:
+        """Only this host's members can be seen (pids); ranks on other hosts are found by
+        pycomm.shrink's bounded wait."""
+        t = self._transport
+        if t is None:
+            return {}
+        members = self.host_members[self.host]
+        return {members[r]: f"global rank {self.ranks[members[r]]}: {why}" for r, why in t.gone()}
+
     def close(self) -> None:
         """Drops the communicators: the gloo groups close their connections."""
         with self._lock:

@@ -149,6 +149,13 @@ class ShmBackend(Backend):
                     m.peer, m.keep = peer, None
                     m.done = True
 
+    def leave(self, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.leave(reason)
+
+    def gone(self) -> dict[int, str]:
+        return dict(self.transport.gone()) if self.transport is not None else {}
+
     def close(self) -> None:
         comm, self.comm = self.comm, None
         if comm is not None:

@@ -20,6 +20,10 @@ buckets were launched and how many gradients were still missing at each launch (
 
 Parameters that receive no gradient in a backward are reduced as zeros (every replica must take
 part in every bucket's all-reduce).
+
+After a failure, ``pycomm.shrink()`` and then ``shrink(group, optimizer)`` go on with the surviving
+replicas (docs/parallel.md, "Losing a rank"): every replica holds the whole model and optimizer
+state, which is why data parallelism, and only it, can continue without the lost rank.
 """
 from __future__ import annotations
 
@@ -63,13 +67,7 @@ class DataParallel(nn.Module):
         self._callback_queued = False
         self.bucket_log: list[list[tuple[int, int]]] = []
 
-        if self.group.size > 1:
-            with torch.no_grad():
-                for t in list(module.parameters()) + list(module.buffers()):
-                    buf = t.data.contiguous()  # pycomm needs contiguous memory; copy back if it made one
-                    pycomm.broadcast(buf, 0, group=self.group)
-                    if buf.data_ptr() != t.data.data_ptr():
-                        t.data.copy_(buf)
+        self._broadcast(list(module.parameters()) + list(module.buffers()))
 
         params = [p for p in module.parameters() if p.requires_grad]
         cap = bucket_cap_mb * 2**20
@@ -92,6 +90,44 @@ class DataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def _broadcast(self, tensors) -> None:
+        """Every replica takes group rank 0's values of `tensors` (in the same order everywhere)."""
+        if self.group.size == 1:
+            return
+        with torch.no_grad():
+            for t in tensors:
+                buf = t.data.contiguous()  # pycomm needs contiguous memory; copy back if it made one
+                pycomm.broadcast(buf, 0, group=self.group)
+                if buf.data_ptr() != t.data.data_ptr():
+                    t.data.copy_(buf)
+
+    def shrink(self, group: Group | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Goes on over `group` (default: the mesh's dp group, else the world, as at
+        construction) once ``pycomm.shrink()`` has replaced the group that a failure broke.
+
+        Redone here: the buckets are reset (the failed step's all-reduces are abandoned), and
+        the replicas take the new rank 0's parameters and buffers, and with `optimizer` its
+        optimizer state, because a failure can reach the ranks at different points of a step
+        (one finished its last all-reduce and stepped, another did not).  The optimizer must
+        have the same state layout on every replica (true for data parallelism).
+
+        Left to the caller: redo the step that failed (its gradients are lost), split the
+        global batch over the new number of replicas, and rebuild whatever else used the old
+        groups (``parallel.init_mesh``, a pipeline runtime).
+        """
+        self.group = default_group("dp") if group is None else group
+        self._callback_queued = False
+        for b in self.buckets:
+            b.work, b.ready = None, 0
+        self._broadcast(list(self.module.parameters()) + list(self.module.buffers()))
+        if optimizer is not None:
+            state = []
+            for pg in optimizer.param_groups:
+                for p in pg["params"]:
+                    s = optimizer.state.get(p, {})
+                    state += [s[k] for k in sorted(s) if isinstance(s[k], torch.Tensor)]
+            self._broadcast(state)
 
     @contextlib.contextmanager
     def no_sync(self):

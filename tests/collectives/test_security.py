@@ -35,7 +35,7 @@ from pycomm import _rendezvous, distributed
 
 INTRUDER = "pycomm-intruder"
 # csrc/transport/shm.cpp's header: what an attacker who read the source would write.
-MAGIC = 0x31306D6D6F637970
+MAGIC = 0x32306D6D6F637970  # "pycomm02" (csrc/transport/shm.cpp)
 
 
 def _intruder() -> pwd.struct_passwd:

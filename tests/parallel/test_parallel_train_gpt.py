@@ -144,3 +144,41 @@ def test_triton_kernels_match_torch_fallback(run, tp):
         assert abs(l_triton - l_torch) <= 1e-5 * abs(l_torch), (l_triton, l_torch)
         assert grad_err < 1e-4, grad_err
         assert "1.mlp.fc1.bias" in names and "1.ln1.weight" in names
+
+
+def _losses(stdout: str) -> dict[int, float]:
+    """{step: loss} from the example's "step N loss X" lines."""
+    out = {}
+    for line in stdout.splitlines():
+        words = line.split()
+        if len(words) == 4 and words[0] == "step" and words[2] == "loss":
+            out[int(words[1])] = float(words[3])
+    return out
+
+
+def test_example_goes_on_after_losing_a_rank(tmp_path):
+    """--dp 4 --kill-rank 2 --at-step 5: the survivors shrink to 3 ranks and redo step 5; from
+    there their losses equal a fresh 3-rank run resumed from the checkpoint of step 4."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(train_gpt.__file__), "train_gpt.py")
+    env = {**os.environ, "PYCOMM_KERNELS_BACKEND": "torch"}
+    common = ["--batch", "12", "--microbatches", "1", "--steps", "6"]
+    ck = tmp_path / "step4.pt"
+    t0 = time.perf_counter()
+    killed = subprocess.run(
+        [sys.executable, script, "--dp", "4", "--kill-rank", "2", "--at-step", "5", "--save", str(ck),
+         "--save-at", "4", *common], capture_output=True, text=True, timeout=240, env=env)
+    assert killed.returncode == 0, killed.stderr
+    lost = [line for line in killed.stdout.splitlines() if line.startswith("step 5: lost 1 rank")]
+    assert lost and "rank 2 (pid" in lost[0] and "exited" in lost[0] and "going on with 3 ranks" in lost[0], \
+        killed.stdout
+    fresh = subprocess.run([sys.executable, script, "--dp", "3", "--resume", str(ck), *common],
+                           capture_output=True, text=True, timeout=240, env=env)
+    assert fresh.returncode == 0, fresh.stderr
+    elapsed = time.perf_counter() - t0
+    shrunk, resumed = _losses(killed.stdout), _losses(fresh.stdout)
+    assert sorted(shrunk) == [1, 2, 3, 4, 5, 6] and sorted(resumed) == [5, 6], (killed.stdout, fresh.stdout)
+    for step in (5, 6):
+        assert abs(shrunk[step] - resumed[step]) <= 1e-6 * abs(resumed[step]), (step, shrunk, resumed)
+    assert elapsed < 120, elapsed  # two start-ups of 4 and 3 processes; about 30 s on an idle machine
