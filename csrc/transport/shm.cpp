@@ -674,7 +674,9 @@ class ShmTransport::Progress {
     if (waitingOn != t_.waiting_) t_.setWaiting(waitingOn);
     auto now = Clock::now();
     if (now >= nextCheck_) {
-      t_.checkPeers(desc_, t_.neededPeers(tasks_));
+      std::vector<char> needed = t_.neededPeers(tasks_);
+      for (size_t r = 0; r < extra_.size(); ++r) needed[r] = needed[r] || extra_[r];
+      t_.checkPeers(desc_, needed);
       __atomic_store_n(&t_.header(t_.rank_)->beatNs, nowNs(), __ATOMIC_RELAXED);
       nextCheck_ = now + std::chrono::milliseconds(5);
     }
@@ -713,6 +715,9 @@ class ShmTransport::Progress {
   const std::vector<Task>& tasks_;
   Clock::time_point deadline_, start_, nextCheck_;
   long idle_ = 0;
+
+ public:
+  std::vector<char> extra_;  // peers needed beyond the tasks' (confirmArrival)
 };
 
 namespace {
@@ -877,15 +882,56 @@ bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp o
         moved = true;
       }
     }
-    if (woken) return remaining == 0;
+    if (woken && remaining) return false;
     if (moved) {
       progress.progressed();
-    } else {
+    } else if (remaining) {
       if (returnBy != Clock::time_point::max() && Clock::now() >= returnBy) return false;
       progress.idle(waitingOn);
     }
   }
+  if (Coll(desc.coll) != Coll::SendRecv) confirmArrival(desc, tasks, progress);
   return true;
+}
+
+// A rank whose part only sends (a broadcast's root, a gather's leaf) or moves nothing (an
+// empty collective) would return before any peer could tell it that it called something
+// else (another root, another size): the peers' checks of the pieces they receive cannot
+// reach it.  So it waits until each peer it only sent to (every peer, for an empty part)
+// has published this collective or a later one, and compares: a mismatch is an error on
+// every rank, never one rank returning while the other fails or waits.
+void ShmTransport::confirmArrival(const OpDesc& desc, const std::vector<Task>& tasks, Progress& progress) {
+  std::vector<char> sends(size_, 0), receives(size_, 0);
+  bool any = false;
+  for (const Task& t : tasks) {
+    if (t.optional) continue;
+    any = true;
+    (t.kind == Task::Send ? sends : receives)[t.peer] = 1;
+  }
+  std::vector<char> wait(size_, 0);
+  for (int r = 0; r < size_; ++r) wait[r] = r != rank_ && (any ? sends[r] && !receives[r] : 1);
+  progress.extra_ = wait;
+  for (;;) {
+    int pending = -1;
+    for (int r = 0; r < size_; ++r) {
+      if (!wait[r]) continue;
+      OpDesc pub, coll;
+      uint64_t v = 0;
+      if (readPub(header(r), &pub, &coll, &v) && v && coll.seq >= desc.seq) {
+        if (coll.seq == desc.seq && !sameOp(coll, desc))
+          fail("pycomm: mismatched collectives: rank " + std::to_string(rank_) + " called " + describe(desc) +
+                   " but rank " + std::to_string(r) + " called " + describe(coll) +
+                   "; every rank must call the same collectives in the same order with the same "
+                   "sizes, dtypes, ops, roots and algorithm",
+               2);
+        wait[r] = 0;
+      } else if (pending < 0) {
+        pending = r;
+      }
+    }
+    if (pending < 0) return;
+    progress.idle(pending);
+  }
 }
 
 }  // namespace pycomm

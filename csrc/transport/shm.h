@@ -99,6 +99,7 @@ class ShmTransport final : public Transport {
   // Peers the unfinished part of `tasks` still waits on: a send to them, or a receive from
   // them whose channel holds nothing.  Only these can fail the collective by going away.
   std::vector<char> neededPeers(const std::vector<Task>& tasks) const;
+  void confirmArrival(const OpDesc& desc, const std::vector<Task>& tasks, Progress& progress);
   // Throws if a needed peer died, left or gave up, this rank was aborted from another
   // thread, or a peer called another collective under this sequence number.
   void checkPeers(const OpDesc& desc, const std::vector<char>& needed);

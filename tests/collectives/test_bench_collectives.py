@@ -5,6 +5,11 @@ import subprocess
 import sys
 
 
+# nccl-tests' bus factors for n = 2 ranks (doc/PERFORMANCE.md)
+FACTORS = {"all_reduce": 1.0, "reduce_scatter": 0.5, "all_gather": 0.5, "broadcast": 1.0,
+           "reduce": 1.0, "gather": 0.5, "scatter": 0.5, "all_to_all": 0.5}
+
+
 def test_bench_collectives_end_to_end(tmp_path):
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     proc = subprocess.run(
@@ -12,17 +17,27 @@ def test_bench_collectives_end_to_end(tmp_path):
          "-a", "ring,tree,auto", "--no-progress", "--json", str(js), "--plot", str(png)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for op in ("all_reduce", "reduce_scatter", "all_gather"):
+    for op in FACTORS:
         assert f"# {op} on 2 processes" in proc.stdout
     assert "Out of bounds values : 0 OK" in proc.stdout
     rows = json.loads(js.read_text())["rows"]
-    assert {r["op"] for r in rows} == {"all_reduce", "reduce_scatter", "all_gather"}
+    assert {r["op"] for r in rows} == set(FACTORS)
     assert all(r["wrong"] == 0 and r["busbw"] > 0 and "gloo_time_us" in r for r in rows)
-    # busbw factors of nccl-tests, n = 2
     for r in rows:
-        factor = 1.0 if r["op"] == "all_reduce" else 0.5
-        assert abs(r["busbw"] - r["algbw"] * factor) < 1e-9
+        assert abs(r["busbw"] - r["algbw"] * FACTORS[r["op"]]) < 1e-9
     assert png.stat().st_size > 10_000
+
+
+def test_bench_anchor_mpi_adds_rows_or_says_how(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "-n", "2", "-o", "all_reduce,all_to_all", "-b", "8", "-e", "4K",
+         "-f", "512", "-i", "3", "-a", "ring", "--no-gloo", "--no-progress", "--plot", "", "--anchor", "mpi"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    if "no Open MPI rows" in proc.stdout:
+        assert "apt-get install openmpi-bin" in proc.stdout and "pip install mpi4py" in proc.stdout
+    else:
+        assert "mpi(us)" in proc.stdout and "vs mpi" in proc.stdout
 
 
 def test_bench_simulated_hosts_runs_the_hierarchical_all_reduce(tmp_path):
