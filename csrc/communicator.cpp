@@ -44,10 +44,12 @@ void Communicator::run(Plan& plan, const OpDesc& desc, DType dtype, RedOp op, do
   const size_t first = plan.tasks().size();
   const Clock::time_point since = Clock::now(), deadline = after(timeoutS);
   for (;;) {
+    absorb();
     match();
     plan.tasks().erase(plan.tasks().begin() + long(first), plan.tasks().end());
     addMessages(plan, true);
-    const bool finished = t_->execute(plan, desc, dtype, op, deadline, Clock::time_point::max(), since);
+    const bool finished =
+        t_->execute(plan, desc, dtype, op, deadline, Clock::time_point::max(), since, &hasPosts_);
     collectMessages(plan, first);
     if (finished) break;
   }
@@ -57,31 +59,47 @@ void Communicator::run(Plan& plan, const OpDesc& desc, DType dtype, RedOp op, do
 // ---------------------------------------------------------------------------- messages
 
 uint64_t Communicator::post(const P2POp& op, double timeoutS) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<std::mutex> lock(postMu_);
   if (op.peer == rank() || op.peer >= size() || op.peer < (op.isSend ? 0 : -1))
     throw std::invalid_argument("send/recv peer " + std::to_string(op.peer) + " is not another rank");
   if (op.tag < 0) throw std::invalid_argument("send/recv tag " + std::to_string(op.tag) + " is negative");
-  const uint64_t id = ++nextId_;
-  const Clock::time_point now = Clock::now(), deadline = after(timeoutS);
-  if (!op.isSend) {
-    recvs_.push_back(Recv{id, op.peer, op.tag, static_cast<char*>(op.buf), op.bytes, now, deadline});
-    return id;
+  Posted p{++nextId_, op, OpDesc(), Clock::now(), after(timeoutS)};
+  if (op.isSend) {
+    OpDesc& d = p.desc;
+    d.coll = int32_t(Coll::SendRecv);
+    d.dtype = int32_t(DType::U8);
+    d.redop = int32_t(RedOp::None);
+    d.algo = int32_t(Algo::None);
+    d.count = op.bytes;          // the whole message, which the receiver checks against its own
+    d.seq = ++sent_[op.peer];    // the n-th message from this rank to that peer
+    d.root = rank();
+    d.tag = op.tag;
   }
-  OpDesc d;
-  d.coll = int32_t(Coll::SendRecv);
-  d.dtype = int32_t(DType::U8);
-  d.redop = int32_t(RedOp::None);
-  d.algo = int32_t(Algo::None);
-  d.count = op.bytes;          // the whole message, which the receiver checks against its own
-  d.seq = ++sent_[op.peer];    // the n-th message from this rank to that peer
-  d.root = rank();
-  d.tag = op.tag;
-  // An empty message still travels, as one piece of one byte whose descriptor says 0, so
-  // that it is matched like any other.
-  Plan one;
-  one.send(op.peer, op.bytes ? op.buf : &empty_, std::max<size_t>(op.bytes, 1), {}, p2pLane(*t_));
-  sends_.push_back(Send{id, one.tasks()[0], d, now, deadline});
-  return id;
+  inbox_.push_back(p);
+  hasPosts_.store(true, std::memory_order_release);
+  return p.id;
+}
+
+void Communicator::absorb() {
+  if (!hasPosts_.load(std::memory_order_acquire)) return;
+  std::vector<Posted> posted;
+  {
+    std::lock_guard<std::mutex> lock(postMu_);
+    posted.swap(inbox_);
+    hasPosts_.store(false, std::memory_order_release);
+  }
+  for (const Posted& p : posted) {
+    const P2POp& op = p.op;
+    if (!op.isSend) {
+      recvs_.push_back(Recv{p.id, op.peer, op.tag, static_cast<char*>(op.buf), op.bytes, p.posted, p.deadline});
+      continue;
+    }
+    // An empty message still travels, as one piece of one byte whose descriptor says 0, so
+    // that it is matched like any other.
+    Plan one;
+    one.send(op.peer, op.bytes ? op.buf : &empty_, std::max<size_t>(op.bytes, 1), {}, p2pLane(*t_));
+    sends_.push_back(Send{p.id, one.tasks()[0], p.desc, p.posted, p.deadline});
+  }
 }
 
 Communicator::Recv* Communicator::firstReceiver(int from, const OpDesc& d) {
@@ -319,6 +337,7 @@ void Communicator::expire(Clock::time_point now) {
 bool Communicator::progressLocked(Clock::time_point returnBy) {
   const size_t before = completed_.size();
   for (;;) {
+    absorb();
     match();
     if (sends_.empty() && recvs_.empty()) return true;
     if (completed_.size() > before) return false;
@@ -331,7 +350,7 @@ bool Communicator::progressLocked(Clock::time_point returnBy) {
     t_->publish(w);
     // Deadlines are the messages' own (expire, below), so the transport gets none; it
     // checks the peers' liveness from 5 ms after the oldest message was posted.
-    t_->execute(plan, w, DType::U8, RedOp::None, Clock::time_point::max(), deadline, since);
+    t_->execute(plan, w, DType::U8, RedOp::None, Clock::time_point::max(), deadline, since, &hasPosts_);
     collectMessages(plan, 0);
     if (completed_.size() > before) return sends_.empty() && recvs_.empty();
     const Clock::time_point now = Clock::now();
@@ -354,6 +373,7 @@ std::vector<MessageDone> Communicator::completed() {
 
 std::vector<uint64_t> Communicator::cancel() {
   std::lock_guard<std::mutex> lock(mu_);
+  absorb();
   std::vector<uint64_t> ids;
   for (const Send& s : sends_) ids.push_back(s.id);
   for (const Recv& r : recvs_) ids.push_back(r.id);

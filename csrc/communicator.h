@@ -4,6 +4,7 @@
 // Arguments are assumed valid (the Python layer checks them and says what to do).
 #pragma once
 
+#include <atomic>
 #include <deque>
 #include <list>
 #include <memory>
@@ -126,8 +127,23 @@ class Communicator {
   // when it was posted.
   OpDesc waiting(Clock::time_point* since) const;
 
+  // Posting takes postMu_ only, never mu_: a message posted while a collective runs on
+  // another thread (an async one on the group's worker) must not wait for it, since a peer
+  // may need the message before it can join that collective.  The running collective is
+  // interrupted (hasPosts_) and takes the new messages along (absorb()).
+  struct Posted {
+    uint64_t id;
+    P2POp op;
+    OpDesc desc;  // sends
+    Clock::time_point posted, deadline;
+  };
+  void absorb();  // mu_ held: moves inbox_ into sends_/recvs_
+
   std::shared_ptr<Transport> t_;
   mutable std::mutex mu_;
+  std::mutex postMu_;                 // inbox_, nextId_, sent_
+  std::vector<Posted> inbox_;
+  std::atomic<bool> hasPosts_{false};
   uint64_t seq_ = 0;
   std::vector<uint64_t> sent_, received_;  // point-to-point messages per peer, numbered
   std::deque<Send> sends_;                 // pending sends, in posting order

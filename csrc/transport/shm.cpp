@@ -740,7 +740,7 @@ size_t allowedBytes(const std::vector<Task>& tasks, const Task& t) {
 // peers: an internal error mid-way leaves the channels half used, like any failure.
 bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
                            Clock::time_point deadline, Clock::time_point returnBy,
-                           Clock::time_point since) {
+                           Clock::time_point since, const std::atomic<bool>* interrupt) {
   Header* h = header(rank_);
   auto mark = [&](uint32_t in) {
     uint64_t now = nowNs();
@@ -751,7 +751,7 @@ bool ShmTransport::execute(Plan& plan, const OpDesc& desc, DType reduceType, Red
   };
   mark(1);
   try {
-    bool finished = run(plan, desc, reduceType, op, deadline, returnBy, since);
+    bool finished = run(plan, desc, reduceType, op, deadline, returnBy, since, interrupt);
     mark(0);
     return finished;
   } catch (const CommError&) {
@@ -788,7 +788,8 @@ bool ShmTransport::peek(int peer, int lane, OpDesc* desc) {
 }
 
 bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
-                       Clock::time_point deadline, Clock::time_point returnBy, Clock::time_point since) {
+                       Clock::time_point deadline, Clock::time_point returnBy, Clock::time_point since,
+                       const std::atomic<bool>* interrupt) {
   usable();
   auto& tasks = plan.tasks();
   const size_t nch = size_t(size_) * opt_.lanes;
@@ -887,6 +888,7 @@ bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp o
       progress.progressed();
     } else if (remaining) {
       if (returnBy != Clock::time_point::max() && Clock::now() >= returnBy) return false;
+      if (interrupt && interrupt->load(std::memory_order_acquire)) return false;
       progress.idle(waitingOn);
     }
   }

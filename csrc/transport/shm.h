@@ -51,7 +51,7 @@ class ShmTransport final : public Transport {
   const char* name() const override { return "shm"; }
   bool execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
                Clock::time_point deadline, Clock::time_point returnBy,
-               Clock::time_point since) override;
+               Clock::time_point since, const std::atomic<bool>* interrupt) override;
   bool peek(int peer, int lane, OpDesc* desc) override;
   void publish(const OpDesc& desc) override;
   void abort(const std::string& why) override;
@@ -95,7 +95,7 @@ class ShmTransport final : public Transport {
   bool trySend(int peer, int lane, const OpDesc& desc, const char* data, size_t n);
   void usable() const;  // throws once this communicator has failed
   bool run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op, Clock::time_point deadline,
-           Clock::time_point returnBy, Clock::time_point since);
+           Clock::time_point returnBy, Clock::time_point since, const std::atomic<bool>* interrupt);
   // Peers the unfinished part of `tasks` still waits on: a send to them, or a receive from
   // them whose channel holds nothing.  Only these can fail the collective by going away.
   std::vector<char> neededPeers(const std::vector<Task>& tasks) const;

@@ -7,6 +7,7 @@
 // up, and it lets peers know when this rank gives up (abort).
 #pragma once
 
+#include <atomic>
 #include <string>
 
 #include "algorithms/plan.h"
@@ -28,10 +29,12 @@ class Transport {
   // what the peers send); `reduceType`/`op` say how RecvReduce tasks combine bytes.  Past
   // `deadline` it raises.  `since`: when the caller started waiting (a resumed call), for
   // the elapsed time its errors report and the first liveness check; default: now.
+  // `interrupt`: while waiting, return (false) as soon as it reads true (new work to add).
   virtual bool execute(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op,
                        Clock::time_point deadline,
                        Clock::time_point returnBy = Clock::time_point::max(),
-                       Clock::time_point since = Clock::time_point()) = 0;
+                       Clock::time_point since = Clock::time_point(),
+                       const std::atomic<bool>* interrupt = nullptr) = 0;
 
   // The descriptor of the piece waiting at the head of (peer, lane), if one is there;
   // nothing is consumed.  Point-to-point matching reads a message's tag and size here.

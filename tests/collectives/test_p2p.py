@@ -448,3 +448,26 @@ def test_blocking_recv_from_a_dead_peer_fails_promptly(run):
         assert etype == "CommError" and "rank 1" in msg and "exited" in msg, msg
         assert elapsed < 2.0, f"took {elapsed:.2f} s: {msg}"
     assert world.segments() == []
+
+
+def job_message_posted_while_an_async_collective_waits(n):
+    # Rank 0 starts an async all_reduce, then sends; rank 1 joins the all_reduce only after
+    # it has the message.  Posting must not wait for the collective (which waits for rank 1).
+    r = pycomm.get_rank()
+    t = torch.full((n,), float(r + 1))
+    x = torch.empty(n)
+    if r == 0:
+        w = pycomm.all_reduce(t, async_op=True)
+        time.sleep(0.05)  # the all_reduce is running (and waiting) on the worker by now
+        pycomm.send(torch.full((n,), 7.0), 1)
+        w.wait(timeout=20)
+    else:
+        pycomm.recv(x, 0)
+        pycomm.all_reduce(t)
+    return t[0].item(), (x[0].item() if r == 1 else None)
+
+
+@pytest.mark.parametrize("n", [4, 300_000])  # one piece; more than the lane's slots hold
+def test_a_message_posted_during_an_async_collective_reaches_its_peer(run, n):
+    results = run(2, job_message_posted_while_an_async_collective_waits, n, pg_timeout=30, timeout=90)
+    assert results == [(3.0, None), (3.0, 7.0)], results
