@@ -5,8 +5,8 @@
 // GIL hand-offs (about 20 us each on a small VM), more than a small collective.  A job here
 // is a std::function; one that only calls the communicator runs without the GIL, so an
 // asynchronous all-reduce from torch.distributed (DDP's buckets) never touches Python.
-// The worker spins briefly after each job before it sleeps, and a waiter spins briefly
-// before it blocks, so back-to-back small operations do not pay for a futex wake.
+// The worker and a waiter spin for a few microseconds before they block, no longer:
+// spinning threads steal the cores the ranks need (worker.cpp, kSpin).
 #pragma once
 
 #include <atomic>

@@ -44,9 +44,9 @@ class AdapterWork : public c10d::Work {
     }
   }
   bool wait(std::chrono::milliseconds timeout) override {
-    // A small collective finishes in microseconds: spin briefly before blocking.
+    // Spin a few microseconds before blocking, no longer (csrc/worker.cpp says why).
     auto start = std::chrono::steady_clock::now();
-    while (!isCompleted() && std::chrono::steady_clock::now() - start < std::chrono::microseconds(50)) {
+    while (!isCompleted() && std::chrono::steady_clock::now() - start < std::chrono::microseconds(5)) {
     }
     return Work::wait(timeout);
   }
