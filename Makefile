@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 # operations and the other scenarios' trials; by hand, it takes minutes.
 SOAK ?= 10
 
-.PHONY: test bench soak install clean
+.PHONY: test bench soak install clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ soak: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench kernels
+
+# On a GPU machine (its own python with torch, triton and nvcc): build, GPU tests, GPU benchmarks.
+# STEP=build|test|bench|all; logs go to $$OUT or gpu-results/.
+STEP ?= all
+gpu-check:
+	bash bench/gpu_check.sh $(STEP)
 
 clean:
 	rm -rf build *.egg-info pycomm/*.so

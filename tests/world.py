@@ -65,6 +65,8 @@ def _serve(rank, size, conn, store_dir):
         if msg is None:
             break
         epoch, pg_timeout, fn, args = msg
+        global _pg_timeout
+        _pg_timeout = pg_timeout
         try:
             if epoch != _epoch:
                 pycomm.destroy_process_group()
@@ -180,12 +182,15 @@ class Pool:
 
 
 _restarts = 0
+_pg_timeout = 30.0
 
 
-def restart(timeout: float = 30.0):
+def restart(timeout: float | None = None):
     """In a worker: a new pycomm process group over the same ranks, so that it reads the
-    environment as it is now (groups read PYCOMM_* settings when they are built)."""
+    environment as it is now (groups read PYCOMM_* settings when they are built).  Its
+    timeout is the running job's pg_timeout unless given."""
     global _restarts
+    timeout = _pg_timeout if timeout is None else timeout
     import pycomm
 
     _restarts += 1

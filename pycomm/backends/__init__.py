@@ -51,7 +51,10 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
 def _finish(buf: torch.Tensor, t: torch.Tensor, op: Op, size: int) -> None:
     """After a reduction into buf: divide an average, round a half type back into t."""
     if op.avg:
-        buf.div_(size)
+        # A divisor on the device: for a Python-number divisor torch's CUDA kernel multiplies
+        # by its reciprocal, which can lose a bit when the size is not a power of two (the
+        # likely cause of the 3-rank IPC avg mismatch on an H200, 2026-11-26).
+        buf.div_(torch.full((), size, dtype=buf.dtype, device=buf.device) if buf.is_cuda else size)
     if buf is not t:
         t.copy_(buf)
 

@@ -240,9 +240,11 @@ def _job_ddp_over_backend(backend):
 job_ddp_over_backend = _with_env(_job_ddp_over_backend)
 
 
-def test_ddp_on_cuda_over_pycomm_trains_like_nccl(run):
+def test_ddp_on_cuda_over_pycomm_trains_like_gloo(run):
+    # gloo, not NCCL, is the anchor: NCCL before 2.30 refuses two ranks on the one GPU of the
+    # test machine (an H200 run, 2026-11-26, skipped this test for that reason).
     ours = run(2, job_ddp_over_backend, IPC, "pycomm", fresh=True)
-    theirs = run(2, job_ddp_over_backend, _nccl_env(), "nccl", fresh=True)
+    theirs = run(2, job_ddp_over_backend, {}, "gloo", fresh=True)
     for a, b in zip(ours[0], theirs[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(ours[0], ours[1]):
