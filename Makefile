@@ -16,7 +16,7 @@ PYCOMM_CUDA ?= $(if $(NVCC),1,auto)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench install clean
+.PHONY: test test-torch-suite bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# torch's own distributed test suite, all of it, for pycomm and gloo at world sizes 2 and 3:
+# fails if a test passes with gloo and not with pycomm (tests/torch_suite/runner.py).
+# `make test` runs a subset of it (tests/torch_suite/test_torch_suite.py).
+TORCH_SUITE_ARGS ?=
+test-torch-suite: $(STAMP)
+	$(PY) tests/torch_suite/runner.py --world-sizes 2 3 $(TORCH_SUITE_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
