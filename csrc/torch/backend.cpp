@@ -5,6 +5,7 @@
 #include <torch/python.h>
 
 #include <optional>
+#include <thread>
 
 namespace py = pybind11;
 
@@ -49,6 +50,11 @@ class AdapterWork : public c10d::Work {
       finish(e);
     }
   }
+  // The thread that issued the operation.  A Work completed on it (the operation finished
+  // before its done-callback was registered, or had nothing to do) would end the profiler's
+  // event on the thread that began it, where c10d's backends end it on their worker.
+  const std::thread::id issuer = std::this_thread::get_id();
+
   bool wait(std::chrono::milliseconds timeout) override {
     // A small collective finishes in microseconds: spin briefly before blocking.
     auto start = std::chrono::steady_clock::now();
@@ -73,6 +79,18 @@ class AdapterWork : public c10d::Work {
   std::vector<at::Tensor> outputs_;
   int source_ = -1;
 };
+
+// work->complete(...), off the issuing thread (see AdapterWork::issuer).
+void deliver(const c10::intrusive_ptr<AdapterWork>& work, std::vector<at::Tensor> outputs, int source,
+             std::string message, bool timedOut) {
+  if (std::this_thread::get_id() != work->issuer) {
+    work->complete(std::move(outputs), source, message, timedOut);
+    return;
+  }
+  std::thread([work, outputs = std::move(outputs), source, message = std::move(message), timedOut]() mutable {
+    work->complete(std::move(outputs), source, message, timedOut);
+  }).detach();
+}
 
 std::string opName(const c10d::ReduceOp& op) {
   switch (op.op_) {
@@ -169,7 +187,7 @@ c10::intrusive_ptr<c10d::Work> TorchBackend::call(c10d::OpType type, const char*
       timedOut = py::isinstance(exc, timeoutError);
     }
     py::gil_scoped_release nogil;
-    work->complete(std::move(outputs), source, error, timedOut);
+    deliver(work, std::move(outputs), source, std::move(error), timedOut);
   }));
   return work;
 }
@@ -222,7 +240,7 @@ c10::intrusive_ptr<c10d::Work> TorchBackend::nativeAllReduce(const at::Tensor& t
   done->onDone([work, weak, t] {
     auto c = weak.lock();
     const bool failed = c && c->kind() != Completion::None;
-    work->complete({t}, -1, failed ? c->message() : std::string(), failed && c->kind() == Completion::Timeout);
+    deliver(work, {t}, -1, failed ? c->message() : std::string(), failed && c->kind() == Completion::Timeout);
   });
   return work;
 }
