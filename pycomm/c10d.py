@@ -317,7 +317,8 @@ class Adapter:
             return
         ms = int(limit * 1000)
         start = time.monotonic()
-        failed, passed = [], []
+        failed: list[int] = []
+        passed: list[int] = []
         for r in range(1, self.size):
             left = limit - (time.monotonic() - start)
             if left <= 0 and not wait_all_ranks:

@@ -7,8 +7,10 @@ Selection: pycomm runs exactly the tests that gloo runs
 torch decides most skips when it imports distributed_test.py, from the BACKEND it reads
 then: ``skip_but_pass_in_sandcastle_if(BACKEND != "gloo", ...)``, ``BACKEND in
 DistTestCases.skip_collective[...]`` / ``backend_feature[...]``,
-``require_backend_is_available({"gloo"})``.  Left alone, BACKEND=pycomm would skip about 80
-tests that gloo runs (every DDP test, subgroups, sparse all_reduce, timeouts, batched p2p).
+``require_backend_is_available({"gloo"})``.  Left alone, BACKEND=pycomm would skip 119 tests
+at import that gloo does not skip, 26 of which gloo runs on a machine without a GPU (sparse
+all_reduce, all_reduce_coalesced, barrier timeouts, batched and tagged p2p, object collectives,
+monitored barriers, DDP on CPU); the others need GPUs.
 So this module imports distributed_test.py with BACKEND=gloo, which evaluates every
 import-time decorator exactly as for gloo, and only then points the module's BACKEND at the
 backend under test, before any test runs.  ``_run`` (each rank's start-up) and the test bodies
