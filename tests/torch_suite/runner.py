@@ -165,8 +165,11 @@ def run_config(backend: str, world_size: int, tests: list[str], timeout: int, co
     try:
         proc.wait(timeout=config_timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
+        pass
+    finally:  # past the limit, or interrupted (pytest-timeout, Ctrl-C): no rank outlives it
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
     results: dict[str, dict] = {}
     with open(path) as f:
         for line in f:
@@ -259,7 +262,7 @@ def main(argv=None) -> int:
     p.add_argument("--world-size", type=int, help="mode one: the world size")
     p.add_argument("--world-sizes", type=int, nargs="+", default=[2, 3])
     p.add_argument("--timeout", type=int, default=180, help="seconds one test may take (default 180)")
-    p.add_argument("--config-timeout", type=float, default=4 * 3600,
+    p.add_argument("--config-timeout", type=float, default=2400,
                    help="seconds one backend and world size may take in all")
     p.add_argument("--start-method", default="fork", choices=["fork", "spawn"])
     p.add_argument("--json", help="where to write the report (mode one: JSON lines)")
