@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 # operations and the other scenarios' trials; by hand, it takes minutes.
 SOAK ?= 10
 
-.PHONY: test bench soak install clean gpu-check
+.PHONY: test test-torch-suite bench soak install clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ test: $(STAMP)
 
 soak: $(STAMP)
 	PYCOMM_SOAK=$(SOAK) $(PY) -m pytest tests/collectives/test_faults.py $(PYTEST_ARGS)
+
+# torch's own distributed test suite, all of it, for pycomm and gloo at world sizes 2 and 3:
+# fails if a test passes with gloo and not with pycomm (tests/torch_suite/runner.py).
+# `make test` runs a subset of it (tests/torch_suite/test_torch_suite.py).
+TORCH_SUITE_ARGS ?=
+test-torch-suite: $(STAMP)
+	$(PY) tests/torch_suite/runner.py --world-sizes 2 3 $(TORCH_SUITE_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)

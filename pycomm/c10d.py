@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import time
 
 import torch
 import torch.distributed as dist
@@ -82,13 +83,17 @@ def _chain(work: Work | None, outputs: list, then=None, source=None) -> Work:
 class Adapter:
     """What csrc/torch/backend.cpp calls: one method per c10d operation."""
 
-    def __init__(self, group: Group, ctx: Context):
+    def __init__(self, group: Group, ctx: Context, store=None, prefix: str = "pycomm/"):
         self.group, self.ctx = group, ctx
         self.rank, self.size = group.rank, group.size
+        self.store, self.prefix = store, prefix
+        self._monitored = 0  # monitored barriers so far (their store keys)
 
     # ------------------------------------------------------------------ collectives
 
     def allreduce(self, tensors, op: str, timeout):
+        if any(t.layout == torch.sparse_coo for t in tensors):
+            return self.allreduce_sparse(tensors, op, timeout)  # c10d routes sparse tensors here too
         if len(tensors) == 1 and tensors[0].is_contiguous():
             return C.all_reduce(tensors[0], op, async_op=True, group=self.group)
         return self.allreduce_coalesced(tensors, op, timeout)
@@ -296,8 +301,48 @@ class Adapter:
         assert work is not None  # async_op=True always returns the Work
         return work
 
-    def monitored_barrier(self, timeout, wait_all_ranks: bool):
-        return self.barrier(timeout)
+    def monitored_barrier(self, timeout, wait_all_ranks: bool) -> None:
+        """ProcessGroup.monitored_barrier, as gloo's: every rank reports to rank 0, which waits
+        at most `timeout` (default: the group's) and names the ranks that did not arrive, then
+        releases them.  Through the store, so that a rank that never comes is found without
+        disturbing the group's channels.  Blocking; raises RuntimeError with gloo's wording.
+        (torch.distributed.monitored_barrier itself refuses every backend but gloo.)"""
+        limit = self.group.timeout if timeout is None else timeout
+        key = f"{self.prefix}monitored/{self._monitored}/"
+        self._monitored += 1
+        if self.rank != 0:
+            self.store.set(f"{key}{self.rank}", b"1")
+            try:
+                self.store.wait([f"{key}release"], datetime.timedelta(seconds=self.group.timeout))
+            except Exception as e:  # noqa: BLE001 - reported with gloo's wording
+                raise RuntimeError(
+                    f"Rank {self.rank} successfully reached monitoredBarrier, but received errors while "
+                    f"waiting for send/recv from rank 0. Please check rank 0 logs for faulty rank.\n"
+                    f" Original exception: \n{e}") from e
+            return
+        ms = int(limit * 1000)
+        start = time.monotonic()
+        failed: list[int] = []
+        passed: list[int] = []
+        for r in range(1, self.size):
+            left = limit - (time.monotonic() - start)
+            if left <= 0 and not wait_all_ranks:
+                done = ", ".join(map(str, passed))
+                raise RuntimeError(f"Rank 0 timed out in monitoredBarrier after {ms} ms.\n" + (
+                    f"Successfully processed ranks: {done}" if passed else
+                    "No ranks successfully processed in monitoredBarrier."))
+            try:
+                self.store.wait([f"{key}{r}"], datetime.timedelta(seconds=max(left, 0.001)))
+                passed.append(r)
+            except Exception as e:  # noqa: BLE001 - the store's timeout
+                if not wait_all_ranks:
+                    raise RuntimeError(f"[Rank 0]: Rank {r} failed to pass monitoredBarrier in {ms} ms\n"
+                                       f" Original exception: \n{e}") from e
+                failed.append(r)
+        if failed:
+            raise RuntimeError(f"[Rank 0]: Ranks {', '.join(map(str, failed))} failed to pass "
+                               f"monitoredBarrier in {ms} ms")
+        self.store.set(f"{key}release", b"1")
 
     # ------------------------------------------------------------------ messages
 
@@ -335,7 +380,7 @@ def _create(store, rank: int, size: int, timeout: datetime.timedelta) -> "_C.Tor
     except BaseException:
         ctx.close()
         raise
-    backend = _C.TorchBackend(rank, size, Adapter(group, ctx))
+    backend = _C.TorchBackend(rank, size, Adapter(group, ctx, store, f"pycomm/backend/{generation}/"))
     cpu = group.backends["cpu"]
     if isinstance(cpu, ShmBackend) and not settings.debug:
         # Plain all-reduces of CPU tensors skip Python entirely (csrc/torch/backend.h).

@@ -5,6 +5,7 @@
 #include <torch/python.h>
 
 #include <optional>
+#include <thread>
 
 namespace py = pybind11;
 
@@ -18,12 +19,18 @@ namespace {
 // A c10d::Work completed by the pycomm Work it stands for (from a done-callback).
 class AdapterWork : public c10d::Work {
  public:
-  AdapterWork(c10d::OpType type, const char* title)
-      : Work(-1, type, title),
+  // `title` ("pycomm:all_reduce", a string literal: the profiler keeps the pointer) and
+  // `inputs` are what the profiler records for the operation, from here to complete(), as
+  // for gloo's "gloo:all_reduce".
+  AdapterWork(c10d::OpType type, const char* title, const std::vector<at::Tensor>& inputs)
+      : Work(-1, type, title, inputs),
         future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()))) {}
 
-  // Called once, without the GIL.
-  void complete(std::vector<at::Tensor> outputs, int source, const std::string& error) {
+  // Called once, without the GIL.  A timeout reads as c10d's backends word it ("Timed out"),
+  // which is what callers of torch.distributed match.
+  void complete(std::vector<at::Tensor> outputs, int source, const std::string& message, bool timedOut) {
+    std::string error = message;
+    if (timedOut) error = "pycomm backend: Timed out (the process group's timeout): " + message;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       outputs_ = outputs;
@@ -43,6 +50,11 @@ class AdapterWork : public c10d::Work {
       finish(e);
     }
   }
+  // The thread that issued the operation.  A Work completed on it (the operation finished
+  // before its done-callback was registered, or had nothing to do) would end the profiler's
+  // event on the thread that began it, where c10d's backends end it on their worker.
+  const std::thread::id issuer = std::this_thread::get_id();
+
   bool wait(std::chrono::milliseconds timeout) override {
     // Spin a few microseconds before blocking, no longer (csrc/worker.cpp says why).
     auto start = std::chrono::steady_clock::now();
@@ -68,6 +80,18 @@ class AdapterWork : public c10d::Work {
   int source_ = -1;
 };
 
+// work->complete(...), off the issuing thread (see AdapterWork::issuer).
+void deliver(const c10::intrusive_ptr<AdapterWork>& work, std::vector<at::Tensor> outputs, int source,
+             std::string message, bool timedOut) {
+  if (std::this_thread::get_id() != work->issuer) {
+    work->complete(std::move(outputs), source, message, timedOut);
+    return;
+  }
+  std::thread([work, outputs = std::move(outputs), source, message = std::move(message), timedOut]() mutable {
+    work->complete(std::move(outputs), source, message, timedOut);
+  }).detach();
+}
+
 std::string opName(const c10d::ReduceOp& op) {
   switch (op.op_) {
     case c10d::ReduceOp::SUM: return "sum";
@@ -80,6 +104,13 @@ std::string opName(const c10d::ReduceOp& op) {
     case c10d::ReduceOp::BXOR: return "bxor";
     default: return "premul_sum";
   }
+}
+
+// One c10d tensor list, flattened (the profiler records its shapes).
+std::vector<at::Tensor> flat(const std::vector<std::vector<at::Tensor>>& lists) {
+  std::vector<at::Tensor> out;
+  for (const auto& l : lists) out.insert(out.end(), l.begin(), l.end());
+  return out;
 }
 
 // pycomm's code of a type reduced as itself (not half, not complex), or -1.
@@ -133,15 +164,19 @@ TorchBackend::~TorchBackend() {
 }
 
 template <typename... Args>
-c10::intrusive_ptr<c10d::Work> TorchBackend::call(c10d::OpType type, const char* method, Args&&... args) {
+c10::intrusive_ptr<c10d::Work> TorchBackend::call(c10d::OpType type, const char* method, const char* title,
+                                                  const std::vector<at::Tensor>& inputs, Args&&... args) {
   ++seq_;
-  auto work = c10::make_intrusive<AdapterWork>(type, method);
+  auto work = c10::make_intrusive<AdapterWork>(type, title, inputs);
   py::gil_scoped_acquire gil;
   py::object w = adapter_.attr(method)(std::forward<Args>(args)...);
+  static py::handle timeoutError =
+      py::object(py::module_::import("pycomm.errors").attr("CommTimeoutError")).release();
   w.attr("add_done_callback")(py::cpp_function([work](py::object done) {
     std::vector<at::Tensor> outputs;
     int source = -1;
     std::string error;
+    bool timedOut = false;
     py::object exc = done.attr("exception")();
     if (exc.is_none()) {
       outputs = done.attr("result")().cast<std::vector<at::Tensor>>();
@@ -149,16 +184,17 @@ c10::intrusive_ptr<c10d::Work> TorchBackend::call(c10d::OpType type, const char*
     } else {
       error = py::str(exc).cast<std::string>();
       if (error.empty()) error = py::str(py::type::of(exc).attr("__name__")).cast<std::string>();
+      timedOut = py::isinstance(exc, timeoutError);
     }
     py::gil_scoped_release nogil;
-    work->complete(std::move(outputs), source, error);
+    deliver(work, std::move(outputs), source, std::move(error), timedOut);
   }));
   return work;
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::broadcast(std::vector<at::Tensor>& tensors,
                                                        const c10d::BroadcastOptions& opts) {
-  return call(c10d::OpType::BROADCAST, "broadcast", tensors, opts.rootRank, opts.rootTensor,
+  return call(c10d::OpType::BROADCAST, "broadcast", "pycomm:broadcast", tensors, tensors, opts.rootRank, opts.rootTensor,
               seconds(opts.timeout));
 }
 
@@ -179,7 +215,8 @@ c10::intrusive_ptr<c10d::Work> TorchBackend::nativeAllReduce(const at::Tensor& t
   const size_t bytes = size_t(t.numel()) * t.element_size();
   Algo algo = n.forced != Algo::None ? n.forced : choose(n.model, Coll::AllReduce, double(bytes), getSize());
   ++seq_;
-  auto work = c10::make_intrusive<AdapterWork>(c10d::OpType::ALLREDUCE, "allreduce");
+  auto work = c10::make_intrusive<AdapterWork>(c10d::OpType::ALLREDUCE, "pycomm:all_reduce",
+                                               std::vector<at::Tensor>{t});
   char* p = static_cast<char*>(t.data_ptr());
   CollArgs a{Coll::AllReduce, algo, getSize(), p, p, nullptr, size_t(t.numel()), 0, -1};
   auto comm = n.comm;
@@ -202,7 +239,8 @@ c10::intrusive_ptr<c10d::Work> TorchBackend::nativeAllReduce(const at::Tensor& t
   std::weak_ptr<Completion> weak = done;
   done->onDone([work, weak, t] {
     auto c = weak.lock();
-    work->complete({t}, -1, c && c->kind() != Completion::None ? c->message() : std::string());
+    const bool failed = c && c->kind() != Completion::None;
+    deliver(work, {t}, -1, failed ? c->message() : std::string(), failed && c->kind() == Completion::Timeout);
   });
   return work;
 }
@@ -211,79 +249,82 @@ c10::intrusive_ptr<c10d::Work> TorchBackend::allreduce(std::vector<at::Tensor>& 
                                                        const c10d::AllreduceOptions& opts) {
   if (tensors.size() == 1)
     if (auto work = nativeAllReduce(tensors[0], opts.reduceOp)) return work;
-  return call(c10d::OpType::ALLREDUCE, "allreduce", tensors, opName(opts.reduceOp), seconds(opts.timeout));
+  return call(c10d::OpType::ALLREDUCE, "allreduce", "pycomm:all_reduce", tensors, tensors, opName(opts.reduceOp), seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::allreduce_sparse(std::vector<at::Tensor>& tensors,
                                                               const c10d::AllreduceOptions& opts) {
-  return call(c10d::OpType::ALLREDUCE, "allreduce_sparse", tensors, opName(opts.reduceOp),
+  return call(c10d::OpType::ALLREDUCE, "allreduce_sparse", "pycomm:all_reduce_sparse", tensors, tensors, opName(opts.reduceOp),
               seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::allreduce_coalesced(
     std::vector<at::Tensor>& tensors, const c10d::AllreduceCoalescedOptions& opts) {
-  return call(c10d::OpType::ALLREDUCE_COALESCED, "allreduce_coalesced", tensors,
+  return call(c10d::OpType::ALLREDUCE_COALESCED, "allreduce_coalesced", "pycomm:all_reduce_coalesced", tensors,
+              tensors,
               opName(opts.reduceOp), seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::reduce(std::vector<at::Tensor>& tensors,
                                                     const c10d::ReduceOptions& opts) {
-  return call(c10d::OpType::REDUCE, "reduce", tensors, opts.rootRank, opts.rootTensor,
+  return call(c10d::OpType::REDUCE, "reduce", "pycomm:reduce", tensors, tensors, opts.rootRank, opts.rootTensor,
               opName(opts.reduceOp), seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::allgather(std::vector<std::vector<at::Tensor>>& outputs,
                                                        std::vector<at::Tensor>& inputs,
                                                        const c10d::AllgatherOptions& opts) {
-  return call(c10d::OpType::ALLGATHER, "allgather", outputs, inputs, seconds(opts.timeout));
+  return call(c10d::OpType::ALLGATHER, "allgather", "pycomm:all_gather", inputs, outputs, inputs, seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::_allgather_base(at::Tensor& output, at::Tensor& input,
                                                              const c10d::AllgatherOptions& opts) {
-  return call(c10d::OpType::_ALLGATHER_BASE, "allgather_base", output, input, seconds(opts.timeout));
+  return call(c10d::OpType::_ALLGATHER_BASE, "allgather_base", "pycomm:all_gather_into_tensor", {input}, output, input, seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::allgather_coalesced(
     std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
     const c10d::AllgatherOptions& opts) {
-  return call(c10d::OpType::ALLGATHER_COALESCED, "allgather_coalesced", outputs, inputs,
+  return call(c10d::OpType::ALLGATHER_COALESCED, "allgather_coalesced", "pycomm:all_gather_coalesced", inputs, outputs, inputs,
               seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::allgather_into_tensor_coalesced(
     std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs, const c10d::AllgatherOptions& opts) {
-  return call(c10d::OpType::COALESCED, "allgather_into_tensor_coalesced", outputs, inputs,
+  return call(c10d::OpType::COALESCED, "allgather_into_tensor_coalesced", "pycomm:all_gather_into_tensor_coalesced",
+              inputs, outputs, inputs,
               seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::gather(std::vector<std::vector<at::Tensor>>& outputs,
                                                     std::vector<at::Tensor>& inputs,
                                                     const c10d::GatherOptions& opts) {
-  return call(c10d::OpType::GATHER, "gather", outputs, inputs, opts.rootRank, seconds(opts.timeout));
+  return call(c10d::OpType::GATHER, "gather", "pycomm:gather", inputs, outputs, inputs, opts.rootRank, seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::scatter(std::vector<at::Tensor>& outputs,
                                                      std::vector<std::vector<at::Tensor>>& inputs,
                                                      const c10d::ScatterOptions& opts) {
-  return call(c10d::OpType::SCATTER, "scatter", outputs, inputs, opts.rootRank, seconds(opts.timeout));
+  return call(c10d::OpType::SCATTER, "scatter", "pycomm:scatter", flat(inputs), outputs, inputs, opts.rootRank, seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::reduce_scatter(std::vector<at::Tensor>& outputs,
                                                             std::vector<std::vector<at::Tensor>>& inputs,
                                                             const c10d::ReduceScatterOptions& opts) {
-  return call(c10d::OpType::REDUCE_SCATTER, "reduce_scatter", outputs, inputs, opName(opts.reduceOp),
+  return call(c10d::OpType::REDUCE_SCATTER, "reduce_scatter", "pycomm:reduce_scatter", flat(inputs), outputs, inputs, opName(opts.reduceOp),
               seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::_reduce_scatter_base(at::Tensor& output, at::Tensor& input,
                                                                   const c10d::ReduceScatterOptions& opts) {
-  return call(c10d::OpType::_REDUCE_SCATTER_BASE, "reduce_scatter_base", output, input,
+  return call(c10d::OpType::_REDUCE_SCATTER_BASE, "reduce_scatter_base", "pycomm:reduce_scatter_tensor", {input}, output, input,
               opName(opts.reduceOp), seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::reduce_scatter_tensor_coalesced(
     std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs, const c10d::ReduceScatterOptions& opts) {
-  return call(c10d::OpType::COALESCED, "reduce_scatter_tensor_coalesced", outputs, inputs,
+  return call(c10d::OpType::COALESCED, "reduce_scatter_tensor_coalesced", "pycomm:reduce_scatter_tensor_coalesced",
+              inputs, outputs, inputs,
               opName(opts.reduceOp), seconds(opts.timeout));
 }
 
@@ -291,35 +332,36 @@ c10::intrusive_ptr<c10d::Work> TorchBackend::alltoall_base(at::Tensor& output, a
                                                            std::vector<int64_t>& outputSplitSizes,
                                                            std::vector<int64_t>& inputSplitSizes,
                                                            const c10d::AllToAllOptions& opts) {
-  return call(c10d::OpType::ALLTOALL_BASE, "alltoall_base", output, input, outputSplitSizes,
+  return call(c10d::OpType::ALLTOALL_BASE, "alltoall_base", "pycomm:all_to_all", {input}, output, input, outputSplitSizes,
               inputSplitSizes, seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::alltoall(std::vector<at::Tensor>& outputs,
                                                       std::vector<at::Tensor>& inputs,
                                                       const c10d::AllToAllOptions& opts) {
-  return call(c10d::OpType::ALLTOALL, "alltoall", outputs, inputs, seconds(opts.timeout));
+  return call(c10d::OpType::ALLTOALL, "alltoall", "pycomm:all_to_all", inputs, outputs, inputs, seconds(opts.timeout));
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::barrier(const c10d::BarrierOptions& opts) {
-  return call(c10d::OpType::BARRIER, "barrier", seconds(opts.timeout));
+  return call(c10d::OpType::BARRIER, "barrier", "pycomm:barrier", {}, seconds(opts.timeout));
 }
 
 void TorchBackend::monitoredBarrier(const c10d::BarrierOptions& opts, bool waitAllRanks) {
-  auto work = call(c10d::OpType::BARRIER, "monitored_barrier", seconds(opts.timeout), waitAllRanks);
-  work->wait();
+  // Blocking, as c10d's is; its errors (which rank did not arrive) propagate as raised.
+  py::gil_scoped_acquire gil;
+  adapter_.attr("monitored_barrier")(seconds(opts.timeout), waitAllRanks);
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::send(std::vector<at::Tensor>& tensors, int dst, int tag) {
-  return call(c10d::OpType::SEND, "send", tensors, dst, tag);
+  return call(c10d::OpType::SEND, "send", "pycomm:send", tensors, tensors, dst, tag);
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::recv(std::vector<at::Tensor>& tensors, int src, int tag) {
-  return call(c10d::OpType::RECV, "recv", tensors, src, tag);
+  return call(c10d::OpType::RECV, "recv", "pycomm:recv", tensors, tensors, src, tag);
 }
 
 c10::intrusive_ptr<c10d::Work> TorchBackend::recvAnysource(std::vector<at::Tensor>& tensors, int tag) {
-  return call(c10d::OpType::RECVANYSOURCE, "recv", tensors, -1, tag);
+  return call(c10d::OpType::RECVANYSOURCE, "recv", "pycomm:recvAnySource", tensors, tensors, -1, tag);
 }
 
 void TorchBackend::abort() {

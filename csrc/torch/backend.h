@@ -95,9 +95,11 @@ class TorchBackend : public c10d::Backend {
                     CostModel model, const std::string& algo, double timeoutS);
 
  private:
-  // adapter.<method>(*args): the returned pycomm Work becomes a c10d::Work of `type`.
+  // adapter.<method>(*args): the returned pycomm Work becomes a c10d::Work of `type`, which
+  // the profiler records as `title` (a string literal) with the shapes of `inputs`.
   template <typename... Args>
-  c10::intrusive_ptr<c10d::Work> call(c10d::OpType type, const char* method, Args&&... args);
+  c10::intrusive_ptr<c10d::Work> call(c10d::OpType type, const char* method, const char* title,
+                                      const std::vector<at::Tensor>& inputs, Args&&... args);
 
   c10::intrusive_ptr<c10d::Work> nativeAllReduce(const at::Tensor& t, const c10d::ReduceOp& op);
 
