@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 # operations and the other scenarios' trials; by hand, it takes minutes.
 SOAK ?= 10
 
-.PHONY: test test-torch-suite bench soak install clean gpu-check
+.PHONY: test lint test-torch-suite bench soak install clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,18 @@ ifneq ($(NVCC),)
 	$(PY) -c "import glob, sys; sys.exit(not any(glob.glob(p + '/nvidia/nccl/include/nccl.h') for p in sys.path))" \
 		|| [ -n "$$NCCL_HOME" ] || $(PY) -m pip install "nvidia-nccl-cu12>=2.19"
 endif
-	PYCOMM_CUDA=$(PYCOMM_CUDA) $(PY) -m pip install --no-build-isolation -e ".[test]"
+	PYCOMM_CUDA=$(PYCOMM_CUDA) $(PY) -m pip install --no-build-isolation -e ".[test,lint]"
 	@touch $@
 
 install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (rules in pyproject.toml) on everything, mypy on the library
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 soak: $(STAMP)
 	PYCOMM_SOAK=$(SOAK) $(PY) -m pytest tests/collectives/test_faults.py $(PYTEST_ARGS)

@@ -87,7 +87,8 @@ class BuildWithCuda(BuildExtension.with_options(use_ninja=True)):
         if os.path.exists(out) and os.path.getmtime(out) > max(map(os.path.getmtime, inputs)):
             return
         inc, lib = nccl
-        archs = [a.strip() for a in os.environ.get("PYCOMM_CUDA_ARCH", "80;90").replace(",", ";").split(";") if a.strip()]
+        wanted = os.environ.get("PYCOMM_CUDA_ARCH", "80;90").replace(",", ";")
+        archs = [a.strip() for a in wanted.split(";") if a.strip()]
         gencode = []
         for a in archs:
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]

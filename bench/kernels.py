@@ -71,7 +71,8 @@ def _cpu_correctness(args) -> int:
         q, k, v = F.linear(x, w).split([32, 16, 16], dim=-1)
         q = q.view(2, 40, 2, 16).transpose(1, 2)
         k, v = (t.view(2, 40, 1, 16).transpose(1, 2) for t in (k, v))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(2, 40, 32)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2).reshape(2, 40, 32)
 
     cases = [
         ("fused_add_mul", kernels.fused_add_mul, lambda a, b, c, d: d + (a + b) * c,
@@ -82,7 +83,8 @@ def _cpu_correctness(args) -> int:
         ("rms_norm", kernels.rms_norm, lambda x, w: F.rms_norm(x, (257,), w, 1e-6), [r(37, 257), r(257)]),
         ("add_rms_norm", lambda x, h, w: kernels.add_rms_norm(x, h, w)[0],
          lambda x, h, w: F.rms_norm(x + h, (257,), w, 1e-6), [r(37, 257), r(37, 257), r(257)]),
-        ("layer_norm", kernels.layer_norm, lambda x, w, b: F.layer_norm(x, (257,), w, b), [r(37, 257) + 2, r(257), r(257)]),
+        ("layer_norm", kernels.layer_norm, lambda x, w, b: F.layer_norm(x, (257,), w, b),
+         [r(37, 257) + 2, r(257), r(257)]),
         ("softmax_cross_entropy", lambda x: kernels.softmax_cross_entropy(x, target),
          lambda x: F.cross_entropy(x, target), [r(24, 300, scale=4)]),
         ("matmul(+bias, gelu)", lambda a, b, c: kernels.matmul(a, b, c, "gelu"), lambda a, b, c: F.gelu(a @ b + c),
@@ -96,7 +98,8 @@ def _cpu_correctness(args) -> int:
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
     start = time.perf_counter()
     rows, worst = [], 0
-    header = f"{'op':30s} {'dtype':9s} {'fwd max err':>12s} {'torch fwd':>11s} {'bwd max err':>12s} {'torch bwd':>11s}  ok"
+    header = (f"{'op':30s} {'dtype':9s} {'fwd max err':>12s} {'torch fwd':>11s} "
+              f"{'bwd max err':>12s} {'torch bwd':>11s}  ok")
     print(header)
     print("-" * len(header))
     for name, ours, ref, inputs in cases:
@@ -111,8 +114,10 @@ def _cpu_correctness(args) -> int:
             # The test suite's rule: <= 2x PyTorch's own error in the same dtype (or 2x one rounding).
             ok = fe <= 2 * max(tfe, rounding) + 1e-5 and be <= 2 * max(tbe, rounding) + 1e-5
             worst += not ok
-            print(f"{name:30s} {str(dtype)[6:]:9s} {fe:12.3e} {tfe:11.3e} {be:12.3e} {tbe:11.3e}  {'yes' if ok else 'NO'}")
-            rows.append(dict(op=name, dtype=str(dtype)[6:], fwd_err=fe, torch_fwd_err=tfe, bwd_err=be, torch_bwd_err=tbe, ok=ok))
+            print(f"{name:30s} {str(dtype)[6:]:9s} {fe:12.3e} {tfe:11.3e} {be:12.3e} {tbe:11.3e}  "
+                  f"{'yes' if ok else 'NO'}")
+            rows.append(dict(op=name, dtype=str(dtype)[6:], fwd_err=fe, torch_fwd_err=tfe, bwd_err=be,
+                             torch_bwd_err=tbe, ok=ok))
     print(f"\n{len(rows)} checks in {time.perf_counter() - start:.1f} s; {worst} outside 2x PyTorch's own error.")
     print("(bf16 tl.dot runs with fp32 operands in the interpreter: see kernels/_interpreter.py)")
     if args.json:
@@ -252,7 +257,8 @@ def _gpu_benchmark(args) -> int:
     g = f"matmul+bias+gelu bf16 {n}^3"
     R.add(g, "torch eager", lambda: F.gelu(a @ b + bias), flops=flops, anchor=True)
     R.add(g, "kernels.matmul(fused)", lambda: kernels.matmul(a, b, bias, "gelu"), flops=flops)
-    R.add(g, "torch.compile", (lambda f: lambda: f(a, b, bias))(compiled(lambda a, b, c: F.gelu(a @ b + c))), flops=flops)
+    fused = compiled(lambda a, b, c: F.gelu(a @ b + c))
+    R.add(g, "torch.compile", (lambda f: lambda: f(a, b, bias))(fused), flops=flops)
     R.print_group(g)
     del a, b, bias
 
@@ -279,8 +285,8 @@ def _gpu_benchmark(args) -> int:
         # fwd + bwd = 1 + 2.5 forward-equivalents (the backward does 2 matmuls more and recomputes P)
         total = 3.5 * fwd_flops
         R.add(g, "SDPA flash", _fwd_bwd_fn(sdpa_flash(causal), (q, k, v), do), flops=total, anchor=True, memory=True)
-        R.add(g, "kernels.flash_attention", _fwd_bwd_fn(lambda: kernels.flash_attention(q, k, v, causal), (q, k, v), do),
-              flops=total, memory=True)
+        ours = _fwd_bwd_fn(lambda: kernels.flash_attention(q, k, v, causal), (q, k, v), do)
+        R.add(g, "kernels.flash_attention", ours, flops=total, memory=True)
         R.print_group(g)
     del q, k, v, do
 
@@ -321,13 +327,15 @@ def _gpu_benchmark(args) -> int:
     wn, bn = t(N, grad=True), t(N, grad=True)
     gy = t(M, N)
     ew_cases = [
-        ("fused_add_mul", lambda: kernels.fused_add_mul(x, y, z, w_), lambda: w_ + (x + y) * z, 5 * M * N * es, (x, y, z, w_)),
+        ("fused_add_mul", lambda: kernels.fused_add_mul(x, y, z, w_), lambda: w_ + (x + y) * z, 5 * M * N * es,
+         (x, y, z, w_)),
         ("bias_gelu", lambda: kernels.bias_gelu(x, bn), lambda: F.gelu(x + bn), 2 * M * N * es, (x, bn)),
         ("swiglu", lambda: kernels.swiglu(x, y), lambda: F.silu(x) * y, 3 * M * N * es, (x, y)),
         ("rms_norm", lambda: kernels.rms_norm(x, wn), lambda: F.rms_norm(x, (N,), wn, 1e-6), 2 * M * N * es, (x, wn)),
         ("add_rms_norm", lambda: kernels.add_rms_norm(x, y, wn)[0],
          lambda: F.rms_norm(x + y, (N,), wn, 1e-6), 4 * M * N * es, (x, y, wn)),
-        ("layer_norm", lambda: kernels.layer_norm(x, wn, bn), lambda: F.layer_norm(x, (N,), wn, bn), 2 * M * N * es, (x, wn, bn)),
+        ("layer_norm", lambda: kernels.layer_norm(x, wn, bn), lambda: F.layer_norm(x, (N,), wn, bn), 2 * M * N * es,
+         (x, wn, bn)),
     ]
     for name, ours, ref, nbytes, ins in ew_cases:
         g = f"{name} bf16 {M}x{N} fwd"

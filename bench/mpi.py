@@ -46,7 +46,7 @@ def run(ops: list[str], sizes: list[int], nprocs: int, dtype: str, iters: int | 
     cfg = json.dumps(dict(ops=ops, sizes=sizes, dtype=dtype, iters=iters, repeat=repeat))
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_btl_vader_single_copy_mechanism=os.environ.get(
-                   "OMPI_MCA_btl_vader_single_copy_mechanism", "cma"))
+                   "OMPI_MCA_btl_vader_single_copy_mechanism", "cma"))  # noqa: SIM112 - Open MPI's spelling
     cmd = ["mpirun", "--oversubscribe", "-n", str(nprocs), sys.executable, "-m", "bench.mpi", cfg]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

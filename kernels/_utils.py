@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -25,7 +25,7 @@ def check_tensor(name: str, t, *, ndim_min: int = 0) -> None:
         raise ValueError(f"{name} must have at least {ndim_min} dimension(s), got shape {tuple(t.shape)}")
 
 
-def check_same(names: Sequence[str], tensors: Sequence[Optional[torch.Tensor]]) -> None:
+def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor | None]) -> None:
     """All given (non-None) tensors share dtype and device; otherwise say which differs."""
     pairs = [(n, t) for n, t in zip(names, tensors) if t is not None]
     n0, t0 = pairs[0]

@@ -9,8 +9,6 @@ exactly ``(rms_norm(h), h)``.  Kernels and launchers live in ``kernels/rms_norm.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _utils
@@ -64,7 +62,7 @@ _add_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual, weight, eps), x + residual)`` in one pass."""
     _check(x, weight)

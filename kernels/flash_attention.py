@@ -98,7 +98,8 @@ def _attn_fwd_kernel(
         kT = tl.load(
             k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=n_mask[None, :] & d_mask[:, None], other=0.0
         )
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=n_mask[:, None] & d_mask[None, :],
+                    other=0.0)
         if DOT_F32:
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
@@ -144,7 +145,8 @@ def _attn_bwd_preprocess_kernel(
     tl.store(delta_ptr + bh * S_Q + offs_m, delta, mask=offs_m < S_Q)
 
 
-@_interpreter.autotune(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "CAUSAL", "GROUP"], interpreter_config=_INTERPRETER_CONFIG)
+@_interpreter.autotune(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "CAUSAL", "GROUP"],
+                       interpreter_config=_INTERPRETER_CONFIG)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -166,8 +168,10 @@ def _attn_bwd_dkdv_kernel(
     d_mask = offs_d < HEAD_DIM
     n_mask = offs_n < S_K
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + b * s_kb + kvh * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * s_vb + kvh * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+    k = tl.load(k_ptr + b * s_kb + kvh * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask,
+                other=0.0)
+    v = tl.load(v_ptr + b * s_vb + kvh * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask,
+                other=0.0)
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -211,7 +215,8 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptr + b * s_dvb + kvh * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :] * s_dvd, dv, mask=kv_mask)
 
 
-@_interpreter.autotune(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "CAUSAL", "GROUP"], interpreter_config=_INTERPRETER_CONFIG)
+@_interpreter.autotune(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "CAUSAL", "GROUP"],
+                       interpreter_config=_INTERPRETER_CONFIG)
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -454,7 +459,8 @@ _flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
 MAX_HEAD_DIM = 256
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, scale=None) -> torch.Tensor:
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                    scale=None) -> torch.Tensor:
     """Exact attention like ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
     enable_gqa=True)`` (see the module docstring)."""
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -10,8 +10,6 @@ and ``db = sum g`` over rows, accumulated in fp32 per program and reduced from a
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -191,7 +189,7 @@ _layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def layer_norm(
-    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float = 1e-5
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
 ) -> torch.Tensor:
     """Layer-normalise the last dimension of ``x`` (see the module docstring)."""
     _utils.check_tensor("x", x, ndim_min=1)

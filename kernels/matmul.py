@@ -15,8 +15,6 @@ computes ``da = dz @ b.T`` and ``db = a.T @ dz`` by passing transposed strides (
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -195,7 +193,7 @@ def _torch_bwd(g, a2, b, z, activation, has_bias, need_a, need_b):
 
 @torch.library.custom_op("pycomm_kernels::matmul", mutates_args=())
 def _matmul_op(
-    a2: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], activation: str, save_preact: bool
+    a2: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str, save_preact: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(a2):
         return _fwd(a2, b, bias, activation, save_preact)
@@ -259,7 +257,7 @@ def check_activation(activation):
 
 
 def matmul(
-    a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
 ) -> torch.Tensor:
     """``act(a @ b + bias)`` with a fused epilogue (see the module docstring)."""
     _utils.check_tensor("a", a, ndim_min=1)

@@ -13,7 +13,6 @@ state-dict keys as their torch counterparts (``kernels.patch`` swaps them in pla
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ class Linear(nn.Linear):
         self.activation = activation
 
     @classmethod
-    def from_torch(cls, linear: nn.Linear, activation=None) -> "Linear":
+    def from_torch(cls, linear: nn.Linear, activation=None) -> Linear:
         """Wrap an existing ``nn.Linear``, sharing its parameter objects (optimisers keep working)."""
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
                 dtype=linear.weight.dtype, activation=activation)
@@ -54,7 +53,7 @@ class Linear(nn.Linear):
 class RMSNorm(nn.Module):
     """RMS normalisation over the last dimension (``eps=None`` means ``finfo(dtype).eps``, as torch)."""
 
-    def __init__(self, hidden_size: int, eps: Optional[float] = 1e-6, elementwise_affine: bool = True,
+    def __init__(self, hidden_size: int, eps: float | None = 1e-6, elementwise_affine: bool = True,
                  device=None, dtype=None):
         super().__init__()
         self.hidden_size = hidden_size
@@ -62,7 +61,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype)) if elementwise_affine else None
 
     @classmethod
-    def from_torch(cls, norm: nn.RMSNorm) -> "RMSNorm":
+    def from_torch(cls, norm: nn.RMSNorm) -> RMSNorm:
         (n,) = norm.normalized_shape
         m = cls(n, eps=norm.eps, elementwise_affine=False)
         m.weight = norm.weight
@@ -80,7 +79,7 @@ class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dimension, computed by ``kernels.layer_norm``."""
 
     @classmethod
-    def from_torch(cls, norm: nn.LayerNorm) -> "LayerNorm":
+    def from_torch(cls, norm: nn.LayerNorm) -> LayerNorm:
         m = cls(norm.normalized_shape, eps=norm.eps, elementwise_affine=False, bias=False)
         m.elementwise_affine = norm.elementwise_affine
         m.weight = norm.weight
@@ -102,7 +101,7 @@ class MergedQKVAttention(nn.Module):
     ``qkv_weight`` is ``((H + 2*H_kv) * D, E)`` (rows of Wq, Wk, Wv), ``D = embed_dim // num_heads``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, bias: bool = True,
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, bias: bool = True,
                  causal: bool = True, device=None, dtype=None):
         super().__init__()
         if embed_dim % num_heads != 0:
@@ -127,7 +126,7 @@ class MergedQKVAttention(nn.Module):
 
     @classmethod
     def from_separate(cls, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear,
-                      num_heads: int, num_kv_heads: Optional[int] = None, causal: bool = True):
+                      num_heads: int, num_kv_heads: int | None = None, causal: bool = True):
         """Build from separate q/k/v/o projections (copies the q/k/v weights into one matrix;
         ``o_proj``'s parameters are shared)."""
         E = q_proj.in_features
@@ -138,7 +137,8 @@ class MergedQKVAttention(nn.Module):
             num_kv_heads = k_proj.out_features // D
         for name, p in (("k_proj", k_proj), ("v_proj", v_proj)):
             if p.in_features != E or p.out_features != num_kv_heads * D:
-                raise ValueError(f"{name} must map {E} -> {num_kv_heads * D} features, got {p.in_features} -> {p.out_features}")
+                raise ValueError(f"{name} must map {E} -> {num_kv_heads * D} features, "
+                                 f"got {p.in_features} -> {p.out_features}")
         if o_proj.in_features != num_heads * D:
             raise ValueError(f"o_proj must take {num_heads * D} features, got {o_proj.in_features}")
         w = q_proj.weight

@@ -16,7 +16,6 @@ in ``(B, S, H, D)`` order, and in the backward pass write dq, dk and dv straight
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -105,7 +104,7 @@ def _torch_bwd(g, x, w, has_bias, qkv, out, lse, H, H_KV, causal):
 
 @torch.library.custom_op("pycomm_kernels::qkv_attention", mutates_args=())
 def _qkv_attention_op(
-    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], num_heads: int, num_kv_heads: int, causal: bool
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, num_heads: int, num_kv_heads: int, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = _fwd if use_triton(x) else _torch_fwd
     return fn(x, w, b, num_heads, num_kv_heads, causal)
@@ -158,8 +157,8 @@ _qkv_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def qkv_attention(
-    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: Optional[torch.Tensor] = None, *,
-    num_heads: int, num_kv_heads: Optional[int] = None, causal: bool = True,
+    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None = None, *,
+    num_heads: int, num_kv_heads: int | None = None, causal: bool = True,
 ) -> torch.Tensor:
     """Merged QKV projection + flash attention, ``(B, S, E) -> (B, S, H*D)`` (see module docstring)."""
     _utils.check_tensor("x", x)

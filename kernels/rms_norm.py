@@ -14,8 +14,6 @@ the few partial rows are summed at the end.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -89,7 +87,7 @@ def _rows(t, N):
     return t2 if (N == 0 or t2.stride(1) == 1) else t2.contiguous()
 
 
-def _fwd(x, residual: Optional[torch.Tensor], weight, eps):
+def _fwd(x, residual: torch.Tensor | None, weight, eps):
     """Returns (y, h or None, rstd); h = x + residual when a residual is given."""
     N = x.shape[-1]
     x2 = _rows(x, N)
@@ -111,7 +109,7 @@ def _fwd(x, residual: Optional[torch.Tensor], weight, eps):
     return y, h, rstd
 
 
-def _bwd(gy, gh: Optional[torch.Tensor], x, weight, rstd):
+def _bwd(gy, gh: torch.Tensor | None, x, weight, rstd):
     """(dx, dw) where x is the tensor that was normalised (h for add_rms_norm)."""
     N = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -214,7 +212,7 @@ def _check(x, weight, names=("x", "weight")):
     _utils.check_row_width(names[0], x.shape[-1])
 
 
-def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
     """RMS-normalise the last dimension of ``x`` and scale by ``weight`` (see module docstring)."""
     _check(x, weight)
     if weight is None:

@@ -18,12 +18,31 @@ import torch  # noqa: F401  (loads libtorch, which pycomm._C links against)
 from pycomm import _C  # noqa: F401
 from pycomm import c10d as _c10d
 from pycomm.collectives import (
-    P2POp, all_gather, all_reduce, all_to_all, barrier, batch_isend_irecv, broadcast, gather,
-    irecv, isend, recv, reduce, reduce_scatter, scatter, send,
+    P2POp,
+    all_gather,
+    all_reduce,
+    all_to_all,
+    barrier,
+    batch_isend_irecv,
+    broadcast,
+    gather,
+    irecv,
+    isend,
+    recv,
+    reduce,
+    reduce_scatter,
+    scatter,
+    send,
 )
 from pycomm.distributed import (
-    destroy_process_group, get_cost_model, get_rank, get_world_size, init_process_group,
-    is_initialized, new_group, shrink,
+    destroy_process_group,
+    get_cost_model,
+    get_rank,
+    get_world_size,
+    init_process_group,
+    is_initialized,
+    new_group,
+    shrink,
 )
 from pycomm.errors import CommError, CommMismatchError, CommTimeoutError
 from pycomm.group import Group

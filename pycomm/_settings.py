@@ -85,7 +85,7 @@ class Settings:
     """PYCOMM_NCCL_PIECE_BYTES: piece size of the NCCL rounds (a multiple of 16)"""
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         timeout = _text("PYCOMM_TIMEOUT")
         if timeout:
             try:

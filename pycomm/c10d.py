@@ -26,7 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from pycomm import _C, collectives as C
+from pycomm import _C
+from pycomm import collectives as C
 from pycomm._settings import Settings, clamp_timeout
 from pycomm.backends.shm import ShmBackend
 from pycomm.distributed import Context
@@ -367,7 +368,7 @@ class Adapter:
         self.ctx.close("destroy_process_group")
 
 
-def _create(store, rank: int, size: int, timeout: datetime.timedelta) -> "_C.TorchBackend":
+def _create(store, rank: int, size: int, timeout: datetime.timedelta) -> _C.TorchBackend:
     settings = Settings.from_env()
     seconds = settings.timeout if settings.timeout is not None else clamp_timeout(
         timeout.total_seconds(), "the process group's timeout")

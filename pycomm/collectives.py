@@ -13,8 +13,8 @@ averaged).  Results are bitwise identical on every rank.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -60,7 +60,7 @@ class Context:
 
     @classmethod
     def start(cls, store: dist.Store, key: str, rank: int, size: int, timeout: float,
-              settings: Settings) -> "Context":
+              settings: Settings) -> Context:
         token, model, hosts = _rendezvous.agree(store, key, rank, size, timeout, settings)
         return cls(store, key, rank, size, token, timeout, model, hosts, settings)
 
@@ -108,7 +108,7 @@ class Context:
 
 # Every context not yet closed, so that a process that exits without destroying its groups
 # still tells its peers (process exit is not a failure they should wait out).
-_live: "weakref.WeakSet[Context]" = weakref.WeakSet()
+_live: weakref.WeakSet[Context] = weakref.WeakSet()
 
 
 @atexit.register

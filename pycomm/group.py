@@ -13,8 +13,9 @@ CUDA operations are ordered by the group's stream instead (backends/cuda.py).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -75,7 +76,7 @@ class Group:
     """seconds any one operation may wait for a peer"""
     model: CostModel
     settings: Settings = field(default_factory=Settings, repr=False)
-    backends: dict[str, "Backend"] = field(default_factory=dict, repr=False)
+    backends: dict[str, Backend] = field(default_factory=dict, repr=False)
     """the backend of each device type ("cpu", "cuda"), chosen when the group was built"""
     hosts: tuple[str, ...] = field(default=(), repr=False)
     """host identity of each member"""
@@ -102,7 +103,7 @@ class Group:
         """Destroyed (destroy_process_group): it can run nothing any more."""
         return self._closed
 
-    def backend(self, tensor: torch.Tensor) -> "Backend":
+    def backend(self, tensor: torch.Tensor) -> Backend:
         """The backend that moves `tensor`'s device type."""
         b = self.backends.get("cuda" if tensor.is_cuda else "cpu")
         if b is None:

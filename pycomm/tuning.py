@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from pycomm import _C
-from pycomm._codes import ALGORITHMS, COLLECTIVES as COLLECTIVE_CODES
+from pycomm._codes import ALGORITHMS
+from pycomm._codes import COLLECTIVES as COLLECTIVE_CODES
 
 COLLECTIVES = tuple(row["name"] for row in _C.TABLE if row["setting"])
 """the collectives whose algorithm the model (or PYCOMM_ALGO) chooses"""
@@ -128,7 +129,7 @@ class CostModel:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "CostModel":
+    def from_json(cls, text: str) -> CostModel:
         """The model `to_json` wrote; anything else (the text comes through the rendezvous
         store, which other processes can write) raises ValueError."""
         try:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ class Work:
         out = self._future.result()
         return list(out) if isinstance(out, (list, tuple)) else ([] if out is None else [out])
 
-    def add_done_callback(self, fn: Callable[["Work"], None]) -> None:
+    def add_done_callback(self, fn: Callable[[Work], None]) -> None:
         """fn(self) once the operation is done: at once if it is, else on the thread that
         completes it."""
         self._future.add_done_callback(lambda _f: fn(self))
@@ -91,7 +92,7 @@ class QueuedWork(Work):
         self._ptrs = [(t, t.data_ptr(), t.numel()) for t in keep if isinstance(t, torch.Tensor)]
         self._outputs = outputs
         self._error: BaseException | None = None
-        self._completion = None  # set by Group.run right after submitting
+        self._completion: Any = None  # set by Group.run right after submitting (a _C.Completion)
 
     def _done(self) -> bool:
         return self._completion is not None and self._completion.done()
@@ -126,7 +127,7 @@ class QueuedWork(Work):
         out = self._outputs
         return list(out) if isinstance(out, (list, tuple)) else ([] if out is None else [out])
 
-    def add_done_callback(self, fn: Callable[["Work"], None]) -> None:
+    def add_done_callback(self, fn: Callable[[Work], None]) -> None:
         self._completion.on_done(lambda: fn(self))
 
 
@@ -201,7 +202,7 @@ class Driven(Work):
     def exception(self) -> BaseException | None:
         return self._future.exception() if self.is_completed() else None
 
-    def add_done_callback(self, fn: Callable[["Work"], None]) -> None:
+    def add_done_callback(self, fn: Callable[[Work], None]) -> None:
         super().add_done_callback(fn)
         with self._lock:
             if self._driver is None and not self._future.done():

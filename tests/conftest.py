@@ -8,7 +8,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
 import world  # noqa: E402  (tests/world.py: the pool of rank processes)
 
 

@@ -30,7 +30,8 @@ it can reduce.  Transports that run the collective table (shared memory, NCCL) i
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -68,7 +69,7 @@ class Backend:
     inline = False
     """whether a blocking call may skip ``submit`` when the group is idle (CPU transports)"""
 
-    def __init__(self, group: "Group"):
+    def __init__(self, group: Group):
         self.group = group
         self.rank, self.size, self.timeout = group.rank, group.size, group.timeout
 

@@ -279,8 +279,8 @@ class HierarchyBackend(Backend):
             self.log("all_reduce", buf.numel() * buf.element_size(), how)
 
     def _reduce_scatter(self, out, inp, op, algo):
-        src = inp.reshape(-1).clone() if out.data_ptr() == inp.data_ptr() + self.rank * out.numel() * out.element_size() \
-            else inp.reshape(-1)
+        in_place = out.data_ptr() == inp.data_ptr() + self.rank * out.numel() * out.element_size()
+        src = inp.reshape(-1).clone() if in_place else inp.reshape(-1)
         # gloo may write its output while it still reads its input: never let them overlap.
         dst = torch.empty(out.numel(), dtype=out.dtype)
         self.gloo_stage("reduce_scatter", "whole", lambda pg: pg._reduce_scatter_base(

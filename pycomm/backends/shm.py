@@ -10,7 +10,7 @@ communicator has finished with them, whatever happens to its Work.
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ class _Message:
     __slots__ = ("keep", "done", "peer", "error")
 
     def __init__(self, keep: tuple):
-        self.keep = keep        # the tensor and its storage
+        self.keep: tuple | None = keep  # the tensor and its storage; None once done
         self.done = False
         self.peer = -1          # once done: the sender of a receive, the destination of a send
         self.error: BaseException | None = None
@@ -41,7 +41,7 @@ class MessageWork(Driven):
     Dropping this handle early is safe: the backend's registry of messages in flight keeps
     their buffers alive until the communicator has finished with them."""
 
-    def __init__(self, backend: "ShmBackend", messages: list[_Message], tensors: list[torch.Tensor],
+    def __init__(self, backend: ShmBackend, messages: list[_Message], tensors: list[torch.Tensor],
                  any_source: list[bool]):
         super().__init__()
         self._backend, self._messages, self._tensors = backend, messages, tensors

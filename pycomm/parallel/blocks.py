@@ -81,7 +81,7 @@ class ParallelMLP(nn.Module):
         self.dropout = dense.dropout
 
     @classmethod
-    def from_dense(cls, module: MLP, group: Group | None = None) -> "ParallelMLP":
+    def from_dense(cls, module: MLP, group: Group | None = None) -> ParallelMLP:
         if not isinstance(module, MLP):
             raise TypeError(f"ParallelMLP.from_dense takes a parallel.MLP, got {type(module).__name__}")
         self = cls.__new__(cls)
@@ -193,7 +193,7 @@ class ParallelSelfAttention(nn.Module):
         self.attn_dropout, self.dropout = dense.attn_dropout, dense.dropout
 
     @classmethod
-    def from_dense(cls, module: SelfAttention, group: Group | None = None) -> "ParallelSelfAttention":
+    def from_dense(cls, module: SelfAttention, group: Group | None = None) -> ParallelSelfAttention:
         if not isinstance(module, SelfAttention):
             raise TypeError(f"ParallelSelfAttention.from_dense takes a parallel.SelfAttention, "
                             f"got {type(module).__name__}")

@@ -50,7 +50,7 @@ class _Bucket:
             n += p.numel()
         self.buffer = torch.zeros(n, dtype=params[0].dtype)
         self.ready = 0
-        self.work = None
+        self.work: pycomm.Work | None = None
 
 
 class DataParallel(nn.Module):
@@ -72,7 +72,8 @@ class DataParallel(nn.Module):
         params = [p for p in module.parameters() if p.requires_grad]
         cap = bucket_cap_mb * 2**20
         self.buckets: list[_Bucket] = []
-        current, size = [], 0
+        current: list[torch.nn.Parameter] = []
+        size = 0
         for p in reversed(params):
             # One dtype per bucket: the flat buffer is reduced as one tensor.
             if current and (size + p.numel() * p.element_size() > cap or p.dtype != current[0].dtype):
@@ -82,7 +83,7 @@ class DataParallel(nn.Module):
             size += p.numel() * p.element_size()
         if current:
             self.buckets.append(_Bucket(current))
-        self._where = {}
+        self._where: dict[torch.Tensor, tuple[_Bucket, int]] = {}
         for b in self.buckets:
             for i, p in enumerate(b.params):
                 self._where[p] = (b, i)
@@ -150,6 +151,7 @@ class DataParallel(nn.Module):
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         bucket, i = self._where[p]
         n = p.numel()
+        assert p.grad is not None  # the hook runs once the gradient exists
         bucket.buffer[bucket.offsets[i]:bucket.offsets[i] + n].copy_(p.grad.reshape(-1))
         bucket.ready += 1
         if bucket.ready == len(bucket.params):
@@ -172,6 +174,7 @@ class DataParallel(nn.Module):
                         b.buffer[b.offsets[i]:b.offsets[i] + p.numel()].copy_(p.grad.reshape(-1))
                 self._launch(b)
         for b in self.buckets:
+            assert b.work is not None  # launched above
             b.work.wait()
             for i, p in enumerate(b.params):
                 avg = b.buffer[b.offsets[i]:b.offsets[i] + p.numel()].view_as(p)

@@ -125,7 +125,7 @@ class ColumnParallelLinear(TensorParallelModule):
 
     @classmethod
     def from_dense(cls, module: nn.Linear, group: Group | None = None, gather_output: bool = False,
-                   partition: list[torch.Tensor] | None = None) -> "ColumnParallelLinear":
+                   partition: list[torch.Tensor] | None = None) -> ColumnParallelLinear:
         if not isinstance(module, nn.Linear):
             raise TypeError(f"ColumnParallelLinear.from_dense takes an nn.Linear, got {type(module).__name__}")
         self = cls.__new__(cls)
@@ -178,7 +178,7 @@ class RowParallelLinear(TensorParallelModule):
 
     @classmethod
     def from_dense(cls, module: nn.Linear, group: Group | None = None,
-                   input_is_parallel: bool = True) -> "RowParallelLinear":
+                   input_is_parallel: bool = True) -> RowParallelLinear:
         if not isinstance(module, nn.Linear):
             raise TypeError(f"RowParallelLinear.from_dense takes an nn.Linear, got {type(module).__name__}")
         self = cls.__new__(cls)
@@ -226,7 +226,7 @@ class VocabParallelEmbedding(TensorParallelModule):
         return (0, self._rows)
 
     @classmethod
-    def from_dense(cls, module: nn.Embedding, group: Group | None = None) -> "VocabParallelEmbedding":
+    def from_dense(cls, module: nn.Embedding, group: Group | None = None) -> VocabParallelEmbedding:
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"VocabParallelEmbedding.from_dense takes an nn.Embedding, got {type(module).__name__}")
         self = cls.__new__(cls)

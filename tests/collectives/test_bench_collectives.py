@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-
 # nccl-tests' bus factors for n = 2 ranks (doc/PERFORMANCE.md)
 FACTORS = {"all_reduce": 1.0, "reduce_scatter": 0.5, "all_gather": 0.5, "broadcast": 1.0,
            "reduce": 1.0, "gather": 0.5, "scatter": 0.5, "all_to_all": 0.5}

@@ -3,12 +3,12 @@ sums, products, minima and maxima are exact in every dtype (bfloat16 included) a
 rank's result must equal the expected tensor bit for bit."""
 import pytest
 import torch
+import world
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from verifiable import expected, rank_input
 
 import pycomm
-import world
-from verifiable import expected, rank_input
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64,
           torch.uint8]

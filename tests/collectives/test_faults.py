@@ -25,9 +25,9 @@ import time
 
 import pytest
 import torch
+import world
 
 import pycomm
-import world
 
 SCALE = max(1, int(os.environ.get("PYCOMM_SOAK", "1")))
 

@@ -13,12 +13,12 @@ import time
 
 import pytest
 import torch
+import world
+from verifiable import expected, rank_input
 
 import pycomm
-import world
 from pycomm.backends import hierarchy
 from pycomm.backends.shm import ShmBackend
-from verifiable import expected, rank_input
 
 LAYOUTS = {
     "2x2": ["node0", "node0", "node1", "node1"],

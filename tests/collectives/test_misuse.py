@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
+import world
 
 import pycomm
-import world
 
 
 def _catch(fn):

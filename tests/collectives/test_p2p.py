@@ -11,9 +11,9 @@ import weakref
 
 import pytest
 import torch
+import world
 
 import pycomm
-import world
 
 SLOT = 256 * 1024 // 4  # float32 elements in one shared-memory slot (the default 256 KiB)
 SMALL, LARGE = 16, 3 * SLOT + 5  # one piece; four pieces (every slot of the lane)

@@ -9,12 +9,12 @@ allows it and skip saying so where it does not.
 
 import pytest
 import torch
-
-import pycomm
 import world
-from pycomm import _codes, _cuda
 from verifiable import expected, rank_input
 from world import scoped_env
+
+import pycomm
+from pycomm import _codes, _cuda
 
 usable, why = _cuda.status() if _cuda.built() else (False, "pycomm was built without CUDA")
 pytestmark = pytest.mark.skipif(not (usable and torch.cuda.is_available()), reason=f"no GPU: {why}")

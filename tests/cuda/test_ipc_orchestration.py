@@ -12,14 +12,13 @@ diagnosis (which ranks never reached a collective) is store traffic only, checke
 """
 import ctypes
 import os
-import types
 from multiprocessing import shared_memory
 
 import pytest
 import torch
+import world
 
 import pycomm
-import world
 from pycomm import _codes
 from pycomm.backends import cuda
 

@@ -11,6 +11,7 @@ The runtime (``runtime.Pipeline``, imports torch and pycomm) consumes
 """
 import importlib
 
+from .comm import add_communication
 from .schedules import (
     SCHEDULES,
     Action,
@@ -26,11 +27,10 @@ from .schedules import (
     parse_program,
     parse_step,
 )
-from .comm import add_communication
 from .simulate import SimulationResult, TimedAction, simulate, simulate_schedule
+from .stages import local_stages, partition
 from .table import bubble_table
 from .validate import find_problems, validate
-from .stages import local_stages, partition
 
 __all__ = [
     "SCHEDULES",

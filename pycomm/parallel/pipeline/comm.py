@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import math
 
-from .schedules import Action, Batch, Kind, Schedule, ScheduleError, Step
 from .engine import execute
+from .schedules import Action, Batch, Kind, Schedule, ScheduleError, Step
 
 __all__ = ["add_communication"]
 

@@ -6,8 +6,8 @@ the simulator and the communication pass can all use it without importing each o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .schedules import Action, Batch, Kind, Schedule, ScheduleError, step_ops
 

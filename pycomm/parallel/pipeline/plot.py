@@ -45,7 +45,7 @@ def format_grid(result, unit: float | None = None) -> str:
     unit = unit or _time_unit(result)
     ncols = round(result.makespan / unit)
     rows = []
-    for r, row in enumerate(result.timeline):
+    for row in result.timeline:
         cells = ["."] * ncols
         for t in row:
             a, b = round(t.start / unit), round(t.end / unit)

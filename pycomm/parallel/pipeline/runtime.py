@@ -46,8 +46,8 @@ backward (parameters excluded).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn

@@ -28,9 +28,9 @@ messages (its docstring states the ordering rule); ``validate.validate`` checks 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Sequence, Iterable, Union
 
 __all__ = [
     "Kind",
@@ -96,7 +96,7 @@ class Action:
         return f"{self.stage}{self.kind.value}{self.microbatch}"
 
     @classmethod
-    def parse(cls, text: str) -> "Action":
+    def parse(cls, text: str) -> Action:
         m = _ACTION_RE.match(text.strip())
         if m is None:
             raise ValueError(
@@ -128,7 +128,7 @@ class Batch:
         return "+".join(str(op) for op in self.ops)
 
 
-Step = Union[Action, Batch]
+Step = Action | Batch
 
 
 def parse_step(text: str) -> Step:

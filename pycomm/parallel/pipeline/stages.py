@@ -9,7 +9,7 @@ Pure Python, no torch.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["partition", "local_stages"]
 
