@@ -20,6 +20,7 @@ using namespace pycomm;
 namespace pycomm {
 void bindTorchBackend(py::module_& m);  // torch/: the only files with torch headers
 void bindStorage(py::module_& m);
+void bindNative(py::module_& m);
 }
 
 namespace {
@@ -221,6 +222,7 @@ PYBIND11_MODULE(_C, m) {
 
   bindTorchBackend(m);
   bindStorage(m);
+  bindNative(m);
 
   // The codes of csrc/common.h by name, and the collective table's rows: Python reads them
   // here instead of keeping copies.

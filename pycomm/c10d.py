@@ -29,7 +29,6 @@ import torch.distributed as dist
 from pycomm import _C
 from pycomm import collectives as C
 from pycomm._settings import Settings, clamp_timeout
-from pycomm.backends.shm import ShmBackend
 from pycomm.distributed import Context
 from pycomm.group import Group
 from pycomm.work import Work, completed
@@ -382,12 +381,9 @@ def _create(store, rank: int, size: int, timeout: datetime.timedelta) -> _C.Torc
         ctx.close()
         raise
     backend = _C.TorchBackend(rank, size, Adapter(group, ctx, store, f"pycomm/backend/{generation}/"))
-    cpu = group.backends["cpu"]
-    if isinstance(cpu, ShmBackend) and not settings.debug:
-        # Plain all-reduces of CPU tensors skip Python entirely (csrc/torch/backend.h).
-        m = group.model
-        backend.enable_native(group.worker, cpu.comm, m.alpha, m.beta, m.gamma, settings.algo,
-                              group.timeout)
+    if group.native is not None:
+        # Plain all-reduces of CPU tensors skip Python entirely (csrc/torch/native.h).
+        backend.enable_native(group.native)
     return backend
 
 

@@ -100,6 +100,9 @@ def all_reduce(tensor: torch.Tensor, op="sum", algorithm: str = "auto", group: G
                async_op: bool = False):
     """Reduces `tensor` across the group, in place, on every rank."""
     g = group_or_world(group)
+    native = g.native
+    if native is not None and not async_op and native(tensor, op, algorithm):
+        return None  # the common case, run without Python (csrc/torch/native.h)
     t = _tensor("all_reduce", "tensor", tensor)
     o = _codes.reduce_op("all_reduce", op, tensor.dtype)
     return g.backend(t).all_reduce(t, o, _algorithm("all_reduce", algorithm), async_op)

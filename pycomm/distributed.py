@@ -92,6 +92,8 @@ class Context:
             cpu = HierarchyBackend(g, self.store, prefix, token)
             barrier = None
         g.backends = {"cpu": cpu, "cuda": CudaBackend(g, self.store, prefix, barrier)}
+        if isinstance(cpu, ShmBackend):
+            g.native = cpu.native
         return g
 
     def leave(self, reason: str) -> None:

@@ -82,6 +82,9 @@ class Group:
     """host identity of each member"""
     key: str = field(default="", repr=False)
     """the group's prefix in the rendezvous store (pycomm.shrink agrees under it)"""
+    native: _C.NativeAllReduce | None = field(default=None, repr=False)
+    """the all-reduce both entry points run without Python (csrc/torch/native.h), where the
+    CPU transport is shared memory and PYCOMM_DEBUG is off"""
     _closed: bool = field(default=False, repr=False)
     _picks: dict = field(default_factory=dict, repr=False)
     _worker_ident: int = field(default=0, repr=False)
@@ -202,6 +205,9 @@ class Group:
         then releases every backend.  Leaving comes after the queued work: a peer that is
         still in that work must not fail because this rank is shutting down."""
         self._closed = True
+        if self.native is not None:
+            self.native.enabled = False
+            self.native = None
         if self._worker is not None:
             self._worker.close()  # runs what is queued first
         backends, self.backends = self.backends, {}

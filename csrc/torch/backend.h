@@ -18,9 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "algorithms/cost.h"
-#include "communicator.h"
-#include "worker.h"
+#include "torch/native.h"
 
 namespace pycomm {
 
@@ -86,13 +84,10 @@ class TorchBackend : public c10d::Backend {
   void abort() override;
   void shutdown() override;
 
-  // The native path: an all-reduce of one CPU tensor that needs nothing adjusted (dense,
-  // contiguous, a type reduced as itself, an op other than avg) goes straight to the group's
-  // worker as a collective of the table, without the GIL; anything else goes through the
-  // Python adapter, which checks it and says what is wrong.  Algorithm as "auto" picks:
-  // PYCOMM_ALGO's choice (`algo`, parsed now), else the cost model.
-  void enableNative(std::shared_ptr<Worker> worker, std::shared_ptr<Communicator> comm,
-                    CostModel model, const std::string& algo, double timeoutS);
+  // The native path (torch/native.h): a plain all-reduce of one CPU tensor goes straight to
+  // the group's worker, without the GIL; anything else goes through the Python adapter, which
+  // checks it and says what is wrong.
+  void enableNative(std::shared_ptr<NativeAllReduce> native) { native_ = std::move(native); }
 
  private:
   // adapter.<method>(*args): the returned pycomm Work becomes a c10d::Work of `type`, which
@@ -105,14 +100,7 @@ class TorchBackend : public c10d::Backend {
 
   pybind11::object adapter_;
   std::atomic<uint64_t> seq_{0};
-  struct Native {
-    std::shared_ptr<Worker> worker;
-    std::shared_ptr<Communicator> comm;
-    CostModel model;
-    Algo forced;  // PYCOMM_ALGO's all_reduce choice, or Algo::None
-    double timeout;
-  };
-  std::unique_ptr<Native> native_;
+  std::shared_ptr<NativeAllReduce> native_;
 };
 
 }  // namespace pycomm

@@ -80,6 +80,22 @@ class ShmBackend(Backend):
         # however long their Work lives.
         self._inflight: dict[int, _Message] = {}
         self._lock = threading.Lock()  # posting + registering, and reaping, are atomic
+        m = group.model
+        self.native = None if group.settings.debug else _C.NativeAllReduce(
+            group.worker, self.comm, m.alpha, m.beta, m.gamma, group.settings.algo, group.timeout)
+        """plain blocking all-reduces without Python; off while messages are in flight, whose
+        progress is Python's (around every collective)"""
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._timeout = seconds
+        native = getattr(self, "native", None)  # None while Backend.__init__ sets it first
+        if native is not None:
+            native.timeout = seconds
 
     def _table(self, collective: str, algo: str, out: torch.Tensor, inp: torch.Tensor, count: int,
                op: Op = NONE, root: int = -1, send_counts: Sequence[int] = (),
@@ -120,6 +136,8 @@ class ShmBackend(Backend):
                 i = comm.post(is_send, peer, t.data_ptr(), t.numel() * t.element_size(), self.timeout, tag)
                 messages.append(_Message((t, t.untyped_storage())))
                 self._inflight[i] = messages[-1]
+            if self.native is not None:
+                self.native.enabled = False
         return MessageWork(self, messages, [t for _, _, t, _ in items],
                            [not is_send and peer < 0 for is_send, peer, _, _ in items])
 
@@ -148,6 +166,8 @@ class ShmBackend(Backend):
                 if m is not None:
                     m.peer, m.keep = peer, None
                     m.done = True
+            if self.native is not None and not self._inflight and self.comm is not None:
+                self.native.enabled = True
 
     def leave(self, reason: str) -> None:
         if self.transport is not None:
@@ -157,6 +177,8 @@ class ShmBackend(Backend):
         return dict(self.transport.gone()) if self.transport is not None else {}
 
     def close(self) -> None:
+        if self.native is not None:
+            self.native.enabled = False
         comm, self.comm = self.comm, None
         if comm is not None:
             self._reap(comm)
