@@ -168,10 +168,21 @@ def shm_transport(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, .
         slots=settings.shm_slots,
         lanes=3,  # two for the double binary tree, one for point-to-point messages
     )
+    mine = (settings.shm_slot_bytes, settings.shm_slots)
     try:
-        store.set(f"{prefix}created/{rank}", "1")
+        # Each rank's layout travels with its "created" key, so that every rank, not only the
+        # first to map a peer's segment, reports ranks started with other PYCOMM_SHM_* settings.
+        store.set(f"{prefix}created/{rank}", "%d,%d" % mine)
         wait_keys(store, {f"{prefix}created/{r}": ranks[r] for r in range(size)}, timeout,
                   f"join group {label}")
+        for r in range(size):
+            theirs = store.get(f"{prefix}created/{r}").decode(errors="replace")
+            if theirs != "%d,%d" % mine:
+                slot_bytes, _, slots = theirs.partition(",")
+                raise CommError(
+                    f"pycomm: rank {ranks[r]} runs with PYCOMM_SHM_SLOT_BYTES={slot_bytes[:20]} and "
+                    f"PYCOMM_SHM_SLOTS={slots[:20]} but rank {ranks[rank]} with {mine[0]} and {mine[1]}; "
+                    "every rank must use the same PYCOMM_SHM_* settings")
         transport.attach(names, timeout)
         store.set(f"{prefix}attached/{rank}", "1")
         wait_keys(store, {f"{prefix}attached/{r}": ranks[r] for r in range(size)}, timeout,

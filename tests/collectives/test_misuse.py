@@ -148,3 +148,20 @@ def test_tcp_store_start_up_names_the_rank_that_never_came():
     assert proc.returncode != 0
     assert "CommTimeoutError" in proc.stderr and "rank 1, rank 2" in proc.stderr, proc.stderr[-2000:]
     assert elapsed < 30, elapsed
+
+
+def job_mismatched_shm_settings():
+    r = pycomm.get_rank()
+    with world.scoped_env(PYCOMM_SHM_SLOT_BYTES=65536 if r == 0 else 131072):
+        try:
+            world.restart(timeout=10)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            return type(e).__name__, str(e)
+    return None, "started"
+
+
+def test_mismatched_shm_settings_are_named_on_every_rank(run):
+    # Issue 16: ranks started with different PYCOMM_SHM_* settings got a misleading error.
+    for etype, msg in run(2, job_mismatched_shm_settings, fresh=True):
+        assert etype is not None, msg
+        assert "PYCOMM_SHM_SLOT_BYTES=" in msg and "every rank must use the same PYCOMM_SHM_* settings" in msg, msg
