@@ -169,15 +169,16 @@ def shm_transport(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, .
         lanes=3,  # two for the double binary tree, one for point-to-point messages
     )
     mine = (settings.shm_slot_bytes, settings.shm_slots)
+    layout = f"{mine[0]},{mine[1]}"
     try:
         # Each rank's layout travels with its "created" key, so that every rank, not only the
         # first to map a peer's segment, reports ranks started with other PYCOMM_SHM_* settings.
-        store.set(f"{prefix}created/{rank}", "%d,%d" % mine)
+        store.set(f"{prefix}created/{rank}", layout)
         wait_keys(store, {f"{prefix}created/{r}": ranks[r] for r in range(size)}, timeout,
                   f"join group {label}")
         for r in range(size):
             theirs = store.get(f"{prefix}created/{r}").decode(errors="replace")
-            if theirs != "%d,%d" % mine:
+            if theirs != layout:
                 slot_bytes, _, slots = theirs.partition(",")
                 raise CommError(
                     f"pycomm: rank {ranks[r]} runs with PYCOMM_SHM_SLOT_BYTES={slot_bytes[:20]} and "
