@@ -29,6 +29,7 @@ from pycomm.errors import CommError, CommTimeoutError
 
 _SEGMENT_RE = re.compile(r"^pycomm-[0-9a-f]{16}-[a-z0-9]+-r\d+$")
 TOKEN_RE = re.compile(r"^[0-9a-f]{16}$")
+LAYOUT_RE = re.compile(r"^[0-9]{1,12},[0-9]{1,6}$")  # a rank's shared-memory layout: slot bytes, slots
 
 
 def make_store(rank: int, world_size: int, init_method: str | None, timeout: datetime.timedelta):
@@ -178,11 +179,13 @@ def shm_transport(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, .
                   f"join group {label}")
         for r in range(size):
             theirs = store.get(f"{prefix}created/{r}").decode(errors="replace")
-            if theirs != layout:
+            # A value of another shape is not a rank's layout (the store is open to anyone who
+            # can reach it): attach() then checks the segment itself, owner and all.
+            if theirs != layout and LAYOUT_RE.match(theirs):
                 slot_bytes, _, slots = theirs.partition(",")
                 raise CommError(
-                    f"pycomm: rank {ranks[r]} runs with PYCOMM_SHM_SLOT_BYTES={slot_bytes[:20]} and "
-                    f"PYCOMM_SHM_SLOTS={slots[:20]} but rank {ranks[rank]} with {mine[0]} and {mine[1]}; "
+                    f"pycomm: rank {ranks[r]} runs with PYCOMM_SHM_SLOT_BYTES={slot_bytes} and "
+                    f"PYCOMM_SHM_SLOTS={slots} but rank {ranks[rank]} with {mine[0]} and {mine[1]}; "
                     "every rank must use the same PYCOMM_SHM_* settings")
         transport.attach(names, timeout)
         store.set(f"{prefix}attached/{rank}", "1")

@@ -27,12 +27,14 @@ def _catch(fn):
 
 
 def job_storage_changes(how, dtype):
-    t = torch.ones(1 << 20, dtype=dtype)  # bfloat16: a Python job on the worker; float32: native
+    # bfloat16: a Python job on the worker; float32: native.  Large enough (16-32 MiB, tens of
+    # milliseconds on 2 cores) that the change below comes while the operation still runs.
+    t = torch.ones(1 << 23, dtype=dtype)
     w = pycomm.all_reduce(t, async_op=True)
     if how == "set_":
         changed = _catch(lambda: t.set_(torch.zeros(10, dtype=dtype)))
     else:
-        changed = _catch(lambda: t.resize_(1 << 22))  # larger: the storage would move
+        changed = _catch(lambda: t.resize_(1 << 24))  # larger: the storage would move
     out = _catch(w.wait)
     pycomm.barrier()
     after = _catch(lambda: t.resize_(1 << 21)) if how == "resize_" else None  # free again
