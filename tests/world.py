@@ -83,6 +83,16 @@ def _serve(rank, size, conn, store_dir):
     pycomm.destroy_process_group()
 
 
+def catch(fn) -> tuple[str | None, str]:
+    """(type name, message) of the exception fn() raises, or (None, "") if it returns: what a
+    job hands back to its test about an expected failure."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        return type(e).__name__, str(e)
+    return None, ""
+
+
 class WorkerDied(RuntimeError):
     pass
 

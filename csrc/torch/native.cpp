@@ -76,24 +76,23 @@ bool NativeAllReduce::run(py::handle tensor, py::handle op, py::handle algorithm
   else
     return false;
   if (!worker_->idle()) return false;  // asynchronous work first: the Python path orders it
-  char* p = static_cast<char*>(t.data_ptr());
-  CollArgs a{Coll::AllReduce, algo, comm_->size(), p, p, nullptr, size_t(t.numel()), 0, -1};
+  const CollArgs a = args(t, algo);
   py::gil_scoped_release nogil;
   comm_->collective(a, DType(dtype), RedOp(rop), timeout());
   return true;
 }
 
-void NativeAllReduce::runNow(const at::Tensor& t, int dtype, int op) {
+CollArgs NativeAllReduce::args(const at::Tensor& t, Algo algo) const {
   char* p = static_cast<char*>(t.data_ptr());
-  CollArgs a{Coll::AllReduce, pick(size_t(t.numel()) * t.element_size()), comm_->size(), p, p, nullptr,
-             size_t(t.numel()), 0, -1};
-  comm_->collective(a, DType(dtype), RedOp(op), timeout());
+  return CollArgs{Coll::AllReduce, algo, comm_->size(), p, p, nullptr, size_t(t.numel()), 0, -1};
+}
+
+void NativeAllReduce::runNow(const at::Tensor& t, int dtype, int op) {
+  comm_->collective(args(t, pick(size_t(t.numel()) * t.element_size())), DType(dtype), RedOp(op), timeout());
 }
 
 std::shared_ptr<Completion> NativeAllReduce::submit(const at::Tensor& t, int dtype, int op) {
-  char* p = static_cast<char*>(t.data_ptr());
-  CollArgs a{Coll::AllReduce, pick(size_t(t.numel()) * t.element_size()), comm_->size(), p, p, nullptr,
-             size_t(t.numel()), 0, -1};
+  const CollArgs a = args(t, pick(size_t(t.numel()) * t.element_size()));
   auto comm = comm_;
   const double timeout = this->timeout();
   pinStorage(t);

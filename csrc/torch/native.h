@@ -53,6 +53,7 @@ class NativeAllReduce {
 
  private:
   Algo pick(size_t bytes) const;
+  CollArgs args(const at::Tensor& t, Algo algo) const;  // the in-place all-reduce of t
 
   std::shared_ptr<Worker> worker_;
   std::shared_ptr<Communicator> comm_;

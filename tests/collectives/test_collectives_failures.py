@@ -16,15 +16,6 @@ import world
 
 import pycomm
 
-
-def _catch(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the test inspects it
-        return type(e).__name__, str(e)
-    return None, ""
-
-
 # ------------------------------------------------------------------------ bad input
 
 
@@ -52,7 +43,7 @@ def job_bad_input():
         "sparse": lambda: pycomm.all_reduce(torch.zeros(3).to_sparse()),
         "send to self": lambda: pycomm.send(x, dst=r),
     }
-    results = {name: _catch(fn) for name, fn in cases.items()}
+    results = {name: world.catch(fn) for name, fn in cases.items()}
     untouched = torch.equal(x, keep) and torch.equal(out8, torch.zeros(8))
     # The group is still usable after all of that.
     t = torch.ones(3)
@@ -100,7 +91,7 @@ def job_slow_peer(delay):
     if r == 1:
         time.sleep(delay)
     start = time.monotonic()
-    etype, msg = _catch(lambda: pycomm.all_reduce(t))
+    etype, msg = world.catch(lambda: pycomm.all_reduce(t))
     return etype, msg, time.monotonic() - start
 
 
@@ -120,7 +111,7 @@ def job_dies_mid_collective(victim, pg_timeout):
         threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
     start = time.monotonic()
     while True:
-        etype, msg = _catch(lambda: pycomm.all_reduce(t, algorithm="ring"))
+        etype, msg = world.catch(lambda: pycomm.all_reduce(t, algorithm="ring"))
         if etype:
             return etype, msg, time.monotonic() - start
         if time.monotonic() - start > 3 * pg_timeout:
@@ -144,8 +135,8 @@ def test_killed_rank_is_reported_and_nothing_leaks(run, size):
 def job_fails_after_failure():
     r = pycomm.get_rank()
     t = torch.ones(10 + r)
-    first = _catch(lambda: pycomm.all_reduce(t))
-    second = _catch(lambda: pycomm.all_reduce(torch.ones(10)))
+    first = world.catch(lambda: pycomm.all_reduce(t))
+    second = world.catch(lambda: pycomm.all_reduce(torch.ones(10)))
     return first, second
 
 
@@ -171,11 +162,11 @@ MISMATCHES = {
 def job_mismatch(kind):
     r = pycomm.get_rank()
     start = time.monotonic()
-    etype, msg = _catch(lambda: MISMATCHES[kind](r))
+    etype, msg = world.catch(lambda: MISMATCHES[kind](r))
     elapsed = time.monotonic() - start
     # A rank that only sent (a broadcast root) may finish before its peers notice; its
     # next collective must then fail rather than run on a broken group.
-    after = _catch(lambda: pycomm.all_reduce(torch.ones(3)))
+    after = world.catch(lambda: pycomm.all_reduce(torch.ones(3)))
     return etype, msg, elapsed, after
 
 

@@ -32,14 +32,6 @@ import pycomm
 SCALE = max(1, int(os.environ.get("PYCOMM_SOAK", "1")))
 
 
-def _catch(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the test inspects it
-        return type(e).__name__, str(e)
-    return None, ""
-
-
 def _pids() -> list[int]:
     """Every rank's pid (an all_gather: the ranks learn each other's processes)."""
     p = pycomm.get_world_size()
@@ -208,7 +200,7 @@ def job_killed_mid_collective(victim, count):
         threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
     start = time.monotonic()
     while True:
-        etype, msg = _catch(lambda: pycomm.all_reduce(t, algorithm="ring"))
+        etype, msg = world.catch(lambda: pycomm.all_reduce(t, algorithm="ring"))
         if etype or time.monotonic() - start > 30:
             break
     noticed = time.monotonic() - start - 0.3  # seconds after the kill
@@ -275,7 +267,7 @@ def job_stopped_mid_collective(victim, stopper, algo, trial, then_shrink, timeou
         threading.Timer(0.3, lambda: os.kill(pids[victim], signal.SIGSTOP)).start()
     start = time.monotonic()
     while True:
-        etype, msg = _catch(lambda: pycomm.all_reduce(t, algorithm=algo))
+        etype, msg = world.catch(lambda: pycomm.all_reduce(t, algorithm=algo))
         if etype or time.monotonic() - start > 30:
             break
     failed_after = time.monotonic() - start - 0.3
@@ -293,7 +285,7 @@ def job_stopped_mid_collective(victim, stopper, algo, trial, then_shrink, timeou
         if r == stopper:
             os.kill(pids[victim], signal.SIGCONT)
     elif then_shrink:
-        shrunk = _catch(pycomm.shrink)
+        shrunk = world.catch(pycomm.shrink)
     return etype, msg, failed_after, shrunk
 
 
@@ -342,7 +334,7 @@ def job_gives_up(victim, how):
         return None, 0.0
     time.sleep(0.2)
     start = time.monotonic()
-    failure = _catch(lambda: pycomm.all_reduce(t))
+    failure = world.catch(lambda: pycomm.all_reduce(t))
     return failure, time.monotonic() - start
 
 
@@ -374,7 +366,7 @@ def job_gives_up_torch(victim, how):
         return None, 0.0
     time.sleep(0.2)
     start = time.monotonic()
-    failure = _catch(lambda: dist.all_reduce(t, group=pg))
+    failure = world.catch(lambda: dist.all_reduce(t, group=pg))
     elapsed = time.monotonic() - start
     dist.destroy_process_group(pg)
     return failure, elapsed
@@ -400,7 +392,7 @@ def job_leaves_after_its_part(trial):
     if r == 1:
         os.kill(pids[2], signal.SIGSTOP)
         threading.Timer(0.3, lambda: os.kill(pids[2], signal.SIGCONT)).start()
-    failure = _catch(lambda: pycomm.broadcast(t, 0, algorithm="ring"))
+    failure = world.catch(lambda: pycomm.broadcast(t, 0, algorithm="ring"))
     if r == 0:
         pycomm.destroy_process_group()
     return failure, bool((t == 7).all())
@@ -426,7 +418,7 @@ def job_corrupted(what):
             time.sleep(0.3)  # rank 0 waits, so it checks its peers (every 5 ms of a wait)
         pycomm.all_reduce(t)
 
-    return _catch(go)
+    return world.catch(go)
 
 
 @pytest.mark.parametrize("what", ["counter", "pid"])

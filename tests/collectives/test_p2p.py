@@ -24,14 +24,6 @@ def _value(n: int, sender: int, tag: int, k: int = 0) -> torch.Tensor:
     return torch.arange(n, dtype=torch.float32) + (sender * 1_000_000 + tag * 10_000 + k * 100)
 
 
-def _catch(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the test inspects it
-        return type(e).__name__, str(e)
-    return None, ""
-
-
 # ------------------------------------------------------------------------ tags
 
 
@@ -245,11 +237,11 @@ def job_size_mismatch():
     r = pycomm.get_rank()
     if r == 0:
         pycomm.send(torch.ones(10), 1, tag=3)  # 40 bytes: eager, returns at once
-        after = _catch(pycomm.barrier)
+        after = world.catch(pycomm.barrier)
     else:
         start = time.monotonic()
-        first = _catch(lambda: pycomm.recv(torch.ones(20), 0, tag=3))
-        return first, time.monotonic() - start, _catch(lambda: pycomm.all_reduce(torch.ones(3)))
+        first = world.catch(lambda: pycomm.recv(torch.ones(20), 0, tag=3))
+        return first, time.monotonic() - start, world.catch(lambda: pycomm.all_reduce(torch.ones(3)))
     return after
 
 
@@ -394,9 +386,9 @@ def job_recv_from_silent_peer(delay):
     pycomm.barrier()
     if r == 1:
         time.sleep(delay)
-        return _catch(pycomm.barrier)
+        return world.catch(pycomm.barrier)
     start = time.monotonic()
-    err = _catch(lambda: pycomm.recv(torch.empty(100), 1, tag=4))
+    err = world.catch(lambda: pycomm.recv(torch.empty(100), 1, tag=4))
     return err, time.monotonic() - start
 
 
@@ -416,9 +408,9 @@ def job_recv_any_times_out():
     r = pycomm.get_rank()
     pycomm.barrier()
     if r == 0:
-        return _catch(lambda: pycomm.recv(torch.empty(3), tag=9))
+        return world.catch(lambda: pycomm.recv(torch.empty(3), tag=9))
     time.sleep(1.5)
-    return _catch(pycomm.barrier)
+    return world.catch(pycomm.barrier)
 
 
 def test_recv_from_any_source_times_out_naming_the_tag(run):
@@ -434,7 +426,7 @@ def job_recv_from_dying_peer():
         threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
         time.sleep(30)
     start = time.monotonic()
-    err = _catch(lambda: pycomm.recv(torch.empty(100), 1, tag=4))
+    err = world.catch(lambda: pycomm.recv(torch.empty(100), 1, tag=4))
     return err, time.monotonic() - start
 
 
