@@ -1,5 +1,6 @@
 """The pipeline runtime on 2 ranks: exact gradients for every schedule, uneven splits,
 activation checkpointing, activations alive, measured bubble against the simulator."""
+import copy
 import time
 
 import pytest
@@ -38,41 +39,62 @@ def _reference(m, dropout=0.0):
     return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
 
 
-def _stage_modules(layers, pp_rank, pp, virtual):
-    ranges = pipeline.partition(len(layers), pp * virtual)
-    return {s: nn.Sequential(*[layers[i] for i in ranges[s]]) for s in pipeline.local_stages(pp_rank, pp, virtual)}, ranges
+def _stage_modules(layers, pp_rank, pp, schedule, m, virtual):
+    """This rank's stage modules for ``schedule`` and, per stage, the layer indices it holds
+    (a Chimera replica stage holds copies of its model stage's layers)."""
+    sched = pipeline.build_schedule(schedule, pp, m, virtual)
+    ranges = pipeline.partition(len(layers), sched.num_model_stages // (2 if sched.placement == "bidirectional" else 1))
+    stages, held = {}, {}
+    for s in sched.local_stages(pp_rank):
+        model_stage = sched.replica_of(s)
+        mods = [layers[i] if s == model_stage else copy.deepcopy(layers[i]) for i in ranges[model_stage]]
+        stages[s] = nn.Sequential(*mods)
+        held[s] = list(zip(ranges[model_stage], mods))
+    return stages, held
 
 
 def job_pipeline(schedule, m, virtual, checkpoint, dropout):
     torch.set_num_threads(1)
     mesh = parallel.init_mesh(pp=pycomm.get_world_size())
     layers = _layers(dropout=dropout)
-    stages, ranges = _stage_modules(layers, mesh.pp_rank, mesh.pp, virtual)
+    stages, held = _stage_modules(layers, mesh.pp_rank, mesh.pp, schedule, m, virtual)
     pipe = pipeline.Pipeline(stages, schedule, m, _loss, mesh.pp_group, virtual=virtual, checkpoint=checkpoint)
     x, t = _batch()
     torch.manual_seed(1)
     stats = pipe.step(x, t)
-    grads = {}
-    for s, r in enumerate(ranges):
-        if s in stages:
-            for i in r:
-                grads[i] = [p.grad.clone() for p in layers[i].parameters()]
+    grads = {}  # layer index -> gradients, from every copy of the layer on this rank
+    for pairs in held.values():
+        for i, layer in pairs:
+            grads.setdefault(i, []).append([p.grad.clone() for p in layer.parameters()])
     return stats.loss, grads, stats.peak_activations, stats.peak_activation_bytes
 
 
-@pytest.mark.parametrize("schedule,m,virtual", [("gpipe", 4, 1), ("1f1b", 4, 1), ("interleaved_1f1b", 4, 2)])
-def test_pipeline_gradients_exact(run, schedule, m, virtual):
+SYNCHRONOUS = [name for name, spec in pipeline.SCHEDULES.items() if spec.synchronous]
+
+
+def _chunks(schedule):
+    return 2 if pipeline.SCHEDULES[schedule].chunks == "any" else 1
+
+
+@pytest.mark.parametrize("schedule", SYNCHRONOUS)
+def test_pipeline_gradients_exact(run, schedule):
+    m, virtual = 4, _chunks(schedule)
     ref_loss, ref_grads = _reference(m)
     res = run(2, job_pipeline, schedule, m, virtual, False, 0.0)
     seen = {}
     for loss, grads, _, _ in res:
         assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
-        seen.update(grads)
-    assert sorted(seen) == list(range(N_LAYERS))  # every layer ran, on exactly one stage
+        for i, copies in grads.items():
+            seen.setdefault(i, []).extend(copies)
+    assert sorted(seen) == list(range(N_LAYERS))  # every layer ran
+    copies = 2 if schedule == "chimera" else 1  # Chimera: both replicas hold the summed gradient
     flat_ref = iter(ref_grads)
     for i in range(N_LAYERS):
-        for g in seen[i]:
-            torch.testing.assert_close(g, next(flat_ref), rtol=1e-5, atol=1e-7)
+        assert len(seen[i]) == copies
+        refs = [next(flat_ref) for _ in seen[i][0]]
+        for grads in seen[i]:
+            for g, ref in zip(grads, refs):
+                torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
 
 
 def test_activation_checkpointing_same_gradients_with_dropout(run):
@@ -81,7 +103,7 @@ def test_activation_checkpointing_same_gradients_with_dropout(run):
     for (l1, g1, _, b1), (l2, g2, _, b2) in zip(plain, ckpt):
         assert l1 == l2
         for i in g1:
-            for a, b in zip(g1[i], g2[i]):
+            for a, b in zip(g1[i][0], g2[i][0]):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)  # recompute drew the same masks
         assert b2 < b1  # checkpointed stages keep only their inputs
 

@@ -2,10 +2,10 @@
 
 Contract: :func:`add_communication` takes a compute-only :class:`~.schedules.Schedule` and
 returns the schedule the runtime executes: the same computations in the same order, with
-``SEND_F``/``RECV_F`` (activations, stage s -> s+1) and ``SEND_B``/``RECV_B`` (gradients,
-s -> s-1) steps between them, including the wrap-around from the last rank to rank 0 between
-interleaved chunks.  Neighbouring stages on one rank (only with ``stages == 1``) hand over data
-locally, without a message.
+``SEND_F``/``RECV_F`` (activations, to the next stage) and ``SEND_B``/``RECV_B`` (gradients, to
+the previous stage, sent by whichever of B or I makes them) steps between them, including the
+wrap-around from the last rank to rank 0 between interleaved chunks.  Neighbouring stages on one
+rank (``stages == 1``, or the tip of a V) hand over data locally, without a message.
 
 Execution model the result is built for: each rank runs its steps in order; a single message
 step is a blocking send or receive; a :class:`~.schedules.Batch` posts all its sends and
@@ -40,26 +40,46 @@ from __future__ import annotations
 
 import math
 
+from .actions import Action, Batch, Kind, Schedule, ScheduleError, Step, step_ops
 from .engine import execute
-from .schedules import Action, Batch, Kind, Schedule, ScheduleError, Step
+
+# The send and receive that carry each kind of data (KindInfo.carries).
+_MESSAGES = {
+    k.info.carries: (k, Kind(k.info.pairs_with)) for k in Kind if k.info.send
+}
 
 __all__ = ["add_communication"]
 
 
-def _consumer(sched: Schedule, a: Action) -> Action | None:
-    """The computation that needs ``a``'s result on another rank, or None."""
-    if a.kind is Kind.F and a.stage < sched.num_model_stages - 1:
-        b = Action(a.stage + 1, Kind.F, a.microbatch)
-    elif a.kind is Kind.B and a.stage > 0:
-        b = Action(a.stage - 1, Kind.B, a.microbatch)
-    else:
-        return None
-    return None if sched.rank_of(b.stage) == sched.rank_of(a.stage) else b
+def _consumers(sched: Schedule) -> dict[Action, Action]:
+    """For each computation whose result another rank needs, the computation that needs it
+    (read from ``KindInfo.produces``/``consumes``: an activation feeds the next stage's forward,
+    a gradient the previous stage's B or I, whichever that stage runs)."""
+    by_need: dict[tuple, Action] = {}
+    for prog in sched.actions:
+        for step in prog:
+            for b in step_ops(step):
+                consumes = b.kind.info.consumes
+                if consumes is None:
+                    continue
+                other = sched.prev_stage(b.stage) if consumes == "activation" else sched.next_stage(b.stage)
+                if other is not None:
+                    by_need[(consumes, other, b.microbatch)] = b
+    out = {}
+    for prog in sched.actions:
+        for step in prog:
+            for a in step_ops(step):
+                produces = a.kind.info.produces
+                user = by_need.get((produces, a.stage, a.microbatch)) if produces else None
+                if user is not None and sched.rank_of(user.stage) != sched.rank_of(a.stage):
+                    out[a] = user
+    return out
 
 
-def add_communication(schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0) -> Schedule:
-    """Insert messages by the module's ordering rule; ``t_fwd``/``t_bwd`` give the ideal
-    timeline the rule aligns messages on (use the ratio you expect at run time).
+def add_communication(schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0, *,
+                      t_input: float | None = None, t_weight: float | None = None) -> Schedule:
+    """Insert messages by the module's ordering rule; the durations give the ideal timeline the
+    rule aligns messages on (use the ratios you expect at run time).
 
     Raises :class:`ScheduleError` if the schedule already has messages or its computations
     cannot run in the given order (a dependency cycle across ranks).
@@ -69,7 +89,8 @@ def add_communication(schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0
             f"add_communication expects a compute-only schedule, but {schedule.name!r} already "
             f"has messages; lower it once"
         )
-    ideal = execute(schedule, t_fwd, t_bwd)
+    ideal = execute(schedule, t_fwd, t_bwd, t_input=t_input, t_weight=t_weight)
+    consumers = _consumers(schedule)
     where = {t.action: (r, j, t.end) for r, row in enumerate(ideal.timeline) for j, t in enumerate(row)}
     eps = 1e-9 * max(ideal.makespan, 1.0)
 
@@ -83,7 +104,7 @@ def add_communication(schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0
     sends: dict[tuple[int, int], list[tuple[float, Action]]] = {}
     recvs: dict[tuple[int, int], list[tuple[float, Action]]] = {}
     for a, (ra, ia, produced) in where.items():
-        b = _consumer(schedule, a)
+        b = consumers.get(a)
         if b is None:
             continue
         rb, ib, _ = where[b]
@@ -109,7 +130,7 @@ def add_communication(schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0
             while hi_b[jb] < produced - eps:
                 jb += 1
             placed = (ia + 1, jb)
-        send_kind, recv_kind = (Kind.SEND_F, Kind.RECV_F) if a.kind is Kind.F else (Kind.SEND_B, Kind.RECV_B)
+        send_kind, recv_kind = _MESSAGES[a.kind.info.produces]
         sends.setdefault((ra, placed[0]), []).append((produced, Action(a.stage, send_kind, a.microbatch)))
         recvs.setdefault((rb, placed[1]), []).append((produced, Action(b.stage, recv_kind, b.microbatch)))
 
@@ -127,4 +148,5 @@ def add_communication(schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0
             if j < len(program):
                 out.append(program[j])
         lowered.append(out)
-    return Schedule(schedule.name, schedule.stages, schedule.microbatches, schedule.virtual, lowered)
+    return Schedule(schedule.name, schedule.stages, schedule.microbatches, schedule.virtual, lowered,
+                    schedule.placement)

@@ -9,9 +9,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .schedules import Action, Batch, Kind, Schedule, ScheduleError, step_ops
+from .actions import Action, Batch, Kind, Schedule, ScheduleError, step_ops
 
-__all__ = ["TimedAction", "Execution", "execute"]
+__all__ = ["TimedAction", "Execution", "Durations", "execute"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class TimedAction:
     rank: int
     """Device that ran it."""
     action: Action
-    """The F or B action."""
+    """The computation (F, B, I or W)."""
     start: float
     """Start time (same unit as t_fwd/t_bwd)."""
     end: float
@@ -37,18 +37,20 @@ class Execution:
     makespan: float
     """Time the last rank finishes."""
     peak_activations: tuple[int, ...]
-    """Per rank, the most forwards alive (run, backward not yet run) at once."""
+    """Per rank, the most micro-batch activations held at once (``KindInfo.activations``: a
+    forward adds one, its B or I frees it, as the zero-bubble paper counts memory)."""
 
 
-def _payload(op: Action) -> tuple[str, int, int]:
-    """What a message carries, as (direction, producing stage, micro-batch): equal on both ends."""
-    if op.kind is Kind.SEND_F:
-        return ("activation", op.stage, op.microbatch)
-    if op.kind is Kind.RECV_F:
-        return ("activation", op.stage - 1, op.microbatch)
-    if op.kind is Kind.SEND_B:
-        return ("gradient", op.stage, op.microbatch)
-    return ("gradient", op.stage + 1, op.microbatch)
+def _payload(sched: Schedule, op: Action) -> tuple[str | None, int | None, int]:
+    """What a message carries, as (data, producing stage, micro-batch): equal on both ends."""
+    info = op.kind.info
+    return (info.carries, op.stage if info.send else sched.neighbour(op), op.microbatch)
+
+
+def _toward_next(kind: Kind) -> bool:
+    """A message to or from the next stage (SEND_F, RECV_B) rather than the previous one."""
+    info = kind.info
+    return info.send == (info.carries == "activation")
 
 
 def _pair_messages(sched: Schedule) -> dict[tuple[int, int, int], tuple[int, int]]:
@@ -66,11 +68,13 @@ def _pair_messages(sched: Schedule) -> dict[tuple[int, int, int], tuple[int, int
                     if isinstance(step, Batch):
                         raise ScheduleError(f"rank {r}, step {k} '{step}': a batch cannot hold computation '{op}'")
                     continue
-                neighbour = op.stage + (1 if op.kind in (Kind.SEND_F, Kind.RECV_B) else -1)
-                if not 0 <= neighbour < nstages:
+                neighbour = sched.neighbour(op)
+                if neighbour is None:
+                    missing = op.stage + (1 if _toward_next(op.kind) else -1)
                     raise ScheduleError(
                         f"rank {r}, step {k} '{op}': stage {op.stage} has no neighbour stage "
-                        f"{neighbour} to exchange with (model stages 0..{nstages - 1}); remove it"
+                        f"{missing} to exchange with (model stages 0..{nstages - 1}, "
+                        f"placement {sched.placement!r}); remove it"
                     )
                 peer = sched.peer(op)
                 assert peer is not None  # op is a message
@@ -88,7 +92,7 @@ def _pair_messages(sched: Schedule) -> dict[tuple[int, int, int], tuple[int, int
         a, b = chan
         s_list, r_list = sends.get(chan, []), recvs.get(chan, [])
         for n, ((ks, is_, s_op), (kr, ir, r_op)) in enumerate(zip(s_list, r_list)):
-            if _payload(s_op) != _payload(r_op):
+            if _payload(sched, s_op) != _payload(sched, r_op):
                 raise ScheduleError(
                     f"mismatched messages from rank {a} to rank {b}: rank {a}'s message #{n} is "
                     f"'{s_op}' (step {ks}) but rank {b}'s receive #{n} from rank {a} is '{r_op}' "
@@ -104,58 +108,107 @@ def _pair_messages(sched: Schedule) -> dict[tuple[int, int, int], tuple[int, int
                 raise ScheduleError(
                     f"rank {a}, step {k} '{op}' sends to rank {b}, which has no matching receive "
                     f"({len(s_list)} sends, {len(r_list)} receives); add "
-                    f"'{_matching(op)}' to rank {b} or drop the send"
+                    f"'{_matching(sched, op)}' to rank {b} or drop the send"
                 )
             k, _, op = r_list[n]
             raise ScheduleError(
                 f"rank {b}, step {k} '{op}' receives from rank {a}, which never sends it "
-                f"({len(s_list)} sends, {len(r_list)} receives); add '{_matching(op)}' to rank "
+                f"({len(s_list)} sends, {len(r_list)} receives); add '{_matching(sched, op)}' to rank "
                 f"{a} or drop the receive"
             )
     return partner
 
 
-def _matching(op: Action) -> Action:
-    other = {
-        Kind.SEND_F: (Kind.RECV_F, 1),
-        Kind.RECV_F: (Kind.SEND_F, -1),
-        Kind.SEND_B: (Kind.RECV_B, -1),
-        Kind.RECV_B: (Kind.SEND_B, 1),
-    }[op.kind]
-    return Action(op.stage + other[1], other[0], op.microbatch)
+def _matching(sched: Schedule, op: Action) -> Action:
+    other = sched.neighbour(op)
+    assert other is not None and op.kind.info.pairs_with is not None  # a checked message
+    return Action(other, Kind(op.kind.info.pairs_with), op.microbatch)
+
+
+@dataclass(frozen=True)
+class Durations:
+    """Time of one micro-batch through one full stage (all of a device's chunks), per
+    ``KindInfo.duration`` key.  ``bwd`` is the fused backward; ``input`` and ``weight`` are its
+    halves and default to half of it each (the zero-bubble paper's T_B = T_W)."""
+
+    fwd: float = 1.0
+    bwd: float = 2.0
+    input: float | None = None
+    weight: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("fwd", "bwd", "input", "weight"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+                raise ValueError(f"t_{name} must be a positive finite duration, got {t!r}")
+        i, w = self.input, self.weight
+        if i is None and w is None:
+            i = w = self.bwd / 2
+        elif i is None:
+            assert w is not None
+            i = self.bwd - w
+        elif w is None:
+            w = self.bwd - i
+        if i <= 0 or w <= 0:
+            raise ValueError(
+                f"t_input and t_weight split the backward t_bwd={self.bwd:g}; got t_input="
+                f"{self.input!r}, t_weight={self.weight!r}, which leaves nothing for the other half; "
+                f"pass both, or one smaller than t_bwd"
+            )
+        object.__setattr__(self, "input", float(i))
+        object.__setattr__(self, "weight", float(w))
+        # The fused backward is its two halves (t_bwd is overridden when both are given).
+        object.__setattr__(self, "bwd", float(i + w))
+        object.__setattr__(self, "fwd", float(self.fwd))
+
+    def of(self, kind: Kind) -> float:
+        """Duration of a ``kind`` computation on a full stage; 0 for messages."""
+        key = kind.info.duration
+        return 0.0 if key is None else float(getattr(self, key))
 
 
 def execute(
-    schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0, blocking_sends: bool = False
+    schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0, blocking_sends: bool = False,
+    *, t_input: float | None = None, t_weight: float | None = None,
 ) -> Execution:
     """Run ``schedule`` in simulated time; raise :class:`ScheduleError` on a hang or on data used
     before it exists.  See the module docstring for the time and message model;
-    ``blocking_sends=True`` is the validator's worst case (a send waits for its receive)."""
-    for name, t in (("t_fwd", t_fwd), ("t_bwd", t_bwd)):
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-            raise ValueError(f"{name} must be a positive finite duration, got {t!r}")
+    ``blocking_sends=True`` is the validator's worst case (a send waits for its receive).
+    Durations: :class:`Durations` (``t_input``/``t_weight`` default to half of ``t_bwd``)."""
+    durations = Durations(t_fwd, t_bwd, t_input, t_weight)
     sched, programs = schedule, schedule.actions
-    p, v, last = schedule.stages, schedule.virtual, schedule.num_model_stages - 1
+    p, v = schedule.stages, schedule.virtual
     lowered = schedule.has_communication
     partner = _pair_messages(schedule) if lowered else {}
-    duration = {Kind.F: t_fwd / v, Kind.B: t_bwd / v}
 
     pc = [0] * p
     clock = [0.0] * p
     arrive: dict[tuple[int, int], float] = {}
-    finished: dict[tuple[Kind, int, int], float] = {}  # compute -> end time (ideal mode)
-    have: list[dict[tuple, float]] = [{} for _ in range(p)]  # data present on each rank
-    live: list[set] = [set() for _ in range(p)]
+    made: dict[tuple, float] = {}  # data key -> time it was produced (ideal mode)
+    producer: dict[tuple, Action] = {}  # data key -> the computation that makes it
+    for prog in programs:
+        for step in prog:
+            for op in step_ops(step):
+                if op.kind.is_compute and op.kind.info.produces:
+                    producer[(op.kind.info.produces, op.stage, op.microbatch)] = op
+    have: list[dict[tuple, float]] = [{} for _ in range(p)]  # what each rank holds, and since when
+    live = [0] * p
     peak = [0] * p
     timeline: list[list[TimedAction]] = [[] for _ in range(p)]
 
-    def need(r: int, k: int, act: Action) -> tuple | None:
-        """Data key the computation waits for beyond its own rank's order, or None."""
-        if act.kind is Kind.F:
-            return None if act.stage == 0 else ("activation", act.stage - 1, act.microbatch)
-        if act.stage == last:
-            return None  # the loss is computed from this stage's own forward
-        return ("gradient", act.stage + 1, act.microbatch)
+    def need(act: Action) -> tuple | None:
+        """Data key the computation waits for from a neighbour stage, or None."""
+        consumes = act.kind.info.consumes
+        if consumes is None:
+            return None
+        other = sched.prev_stage(act.stage) if consumes == "activation" else sched.next_stage(act.stage)
+        # None: a chain's first stage reads the input, its last stage's loss gives the gradient
+        return None if other is None else (consumes, other, act.microbatch)
+
+    def maker(key: tuple) -> Action:
+        return producer.get(key) or Action(key[1], Kind.F if key[0] == "activation" else Kind.B, key[2])
 
     def describe(r: int) -> str:
         if pc[r] >= len(programs[r]):
@@ -164,57 +217,59 @@ def execute(
 
     def try_compute(r: int, k: int, act: Action) -> float | None:
         """Start time of a computation, None to wait, or raise if it can never run."""
-        if act.kind is Kind.B and (Kind.F, act.stage, act.microbatch) not in have[r]:
-            raise ScheduleError(
-                f"rank {r}, step {k} '{act}': its forward '{Action(act.stage, Kind.F, act.microbatch)}' "
-                f"has not run on rank {r}; run the forward first"
-            )
-        key = need(r, k, act)
+        for before in act.kind.info.after:
+            if (Kind(before), act.stage, act.microbatch) not in have[r]:
+                first = Action(act.stage, Kind(before), act.microbatch)
+                word = first.kind.info.word
+                raise ScheduleError(
+                    f"rank {r}, step {k} '{act}': its {word} '{first}' has not run on rank {r}; "
+                    f"run the {word} first"
+                )
+        key = need(act)
         if key is None:
             return clock[r]
         if key in have[r]:
             return max(clock[r], have[r][key])
-        producer = Action(key[1], Kind.F if key[0] == "activation" else Kind.B, key[2])
+        source = maker(key)
         if sched.rank_of(key[1]) == r or lowered:
+            recv = Kind.RECV_F if key[0] == "activation" else Kind.RECV_B
             how = (
-                f"'{producer}' has not run on rank {r} yet; run it earlier"
+                f"'{source}' has not run on rank {r} yet; run it earlier"
                 if sched.rank_of(key[1]) == r
-                else f"it was never received; add "
-                f"'{Action(act.stage, Kind.RECV_F if key[0] == 'activation' else Kind.RECV_B, act.microbatch)}' "
-                f"before it"
+                else f"it was never received; add '{Action(act.stage, recv, act.microbatch)}' before it"
             )
             raise ScheduleError(
                 f"rank {r}, step {k} '{act}' needs the {key[0]} of stage {key[1]} for micro-batch "
                 f"{key[2]}, but {how}"
             )
-        done = finished.get((producer.kind, producer.stage, producer.microbatch))
+        done = made.get(key)
         return None if done is None else max(clock[r], done)
 
     def run_compute(r: int, act: Action, start: float) -> None:
-        end = start + duration[act.kind]
+        info = act.kind.info
+        end = start + durations.of(act.kind) * sched.stage_share
         timeline[r].append(TimedAction(r, act, start, end))
         clock[r] = end
-        finished[(act.kind, act.stage, act.microbatch)] = end
         have[r][(act.kind, act.stage, act.microbatch)] = end
-        if act.kind is Kind.F:
-            live[r].add((act.stage, act.microbatch))
-            peak[r] = max(peak[r], len(live[r]))
-            if act.stage < last and sched.rank_of(act.stage + 1) == r:
-                have[r][("activation", act.stage, act.microbatch)] = end
-        else:
-            live[r].discard((act.stage, act.microbatch))
-            if act.stage > 0 and sched.rank_of(act.stage - 1) == r:
-                have[r][("gradient", act.stage, act.microbatch)] = end
+        live[r] += info.activations
+        peak[r] = max(peak[r], live[r])
+        if info.produces:
+            key = (info.produces, act.stage, act.microbatch)
+            made[key] = end
+            other = sched.next_stage(act.stage) if info.produces == "activation" else sched.prev_stage(act.stage)
+            if other is not None and sched.rank_of(other) == r:
+                have[r][key] = end  # handed over locally
+            have[r][("made",) + key] = end
 
     def try_messages(r: int, k: int, ops: Sequence[Action]) -> bool:
         for op in ops:
             if op.kind.is_send:
-                made = (Kind.F if op.kind is Kind.SEND_F else Kind.B, op.stage, op.microbatch)
-                if made not in have[r]:
+                data = _payload(sched, op)
+                if ("made",) + data not in have[r]:
+                    source = maker(data)
                     raise ScheduleError(
-                        f"rank {r}, step {k} '{op}' sends the result of "
-                        f"'{Action(made[1], made[0], made[2])}' before rank {r} computed it; "
-                        f"move the send after that computation"
+                        f"rank {r}, step {k} '{op}' sends the result of '{source}' before rank "
+                        f"{r} computed it; move the send after that computation"
                     )
         times = []
         for i, op in enumerate(ops):
@@ -227,7 +282,7 @@ def execute(
         clock[r] = max([clock[r], *times])
         for op in ops:
             if not op.kind.is_send:
-                have[r][_payload(op)] = clock[r]
+                have[r][_payload(sched, op)] = clock[r]
         return True
 
     while True:
@@ -254,12 +309,11 @@ def execute(
                     continue
                 k, step = pc[r], programs[r][pc[r]]
                 if isinstance(step, Action) and step.kind.is_compute:
-                    key = need(r, k, step)
+                    key = need(step)
                     assert key is not None  # a computation that cannot start needs something
-                    producer = Action(key[1], Kind.F if key[0] == "activation" else Kind.B, key[2])
                     owner = sched.rank_of(key[1])
                     lines.append(
-                        f"rank {r} waits at step {k} '{step}' for '{producer}' on rank {owner}, "
+                        f"rank {r} waits at step {k} '{step}' for '{maker(key)}' on rank {owner}, "
                         f"but {describe(owner)}"
                     )
                 else:

@@ -57,8 +57,9 @@ import pycomm
 from pycomm.distributed import Group
 
 from .. import random as prandom
+from .actions import Action, Batch, Kind, step_ops
 from .comm import add_communication
-from .schedules import Action, Batch, Kind, build_schedule
+from .schedules import SCHEDULES, build_schedule
 from .simulate import SimulationResult, TimedAction
 from .validate import validate
 
@@ -84,10 +85,11 @@ class StepStats:
 class _Live:
     """What a forward keeps until its backward."""
 
-    __slots__ = ("x", "y", "bytes")
+    __slots__ = ("x", "y", "bytes", "grad")
 
     def __init__(self, x, y, nbytes):
         self.x, self.y, self.bytes = x, y, nbytes
+        self.grad: torch.Tensor | None = None  # the output-gradient, kept from I for W
 
 
 class Pipeline:
@@ -101,14 +103,16 @@ class Pipeline:
         self.sched = add_communication(build_schedule(schedule, p, microbatches, virtual))
         validate(self.sched)
         self.program = self.sched.actions[r]
-        self.num_stages = p * virtual
-        expected = sorted(s for s in range(self.num_stages) if s % p == r)
+        self.num_stages = self.sched.num_model_stages
+        expected = self.sched.local_stages(r)
         if sorted(stages) != expected:
             raise ValueError(
-                f"pipeline rank {r} of {p} with virtual={virtual} holds model stages {expected}, "
-                f"but stages has keys {sorted(stages)}; pass one module per stage (see "
-                f"parallel.pipeline.local_stages)"
+                f"pipeline rank {r} of {p} with schedule {schedule!r} and virtual={virtual} holds "
+                f"model stages {expected}, but stages has keys {sorted(stages)}; pass one module "
+                f"per stage (see build_schedule(...).local_stages(rank))"
             )
+        self.delayed = not SCHEDULES[schedule].synchronous  # PipeDream-2BW's weight versions
+        self._previous: list[torch.Tensor] | None = None
         self.stages = dict(stages)
         self.loss_fn = loss_fn
         self.microbatches = microbatches
@@ -118,6 +122,13 @@ class Pipeline:
             self.checkpointed = set()
         else:
             self.checkpointed = set(checkpoint)
+        split = {op.stage for st in self.program for op in step_ops(st) if op.kind is Kind.I}
+        if self.checkpointed & split:
+            raise ValueError(
+                f"schedule {schedule!r} splits the backward of stages {sorted(split)} into I and W, "
+                f"which would recompute a checkpointed forward twice; checkpoint only stages "
+                f"{sorted(set(expected) - split)} or use a schedule with a fused backward"
+            )
         self._shapes: dict[int, tuple] = {}
         self._probe_key: tuple | None = None
         self._param_storages = {q.untyped_storage().data_ptr()
@@ -148,8 +159,9 @@ class Pipeline:
         losses, timeline = [], []
         peak, peak_bytes = 0, 0
         for i in range(m):
-            self._acts[(0, i)] = xs[i]
+            self._acts[(self.sched.chain(i).start, i)] = xs[i]  # Chimera: two first stages
 
+        current = self._use_previous_weights() if self.delayed else None
         for step in self.program:
             if isinstance(step, Action) and step.kind.is_compute:
                 t0 = time.perf_counter()
@@ -158,9 +170,10 @@ class Pipeline:
                     if loss is not None:
                         losses.append(loss)
                 else:
-                    self._backward(step.stage, step.microbatch)
+                    self._BACKWARDS[step.kind](self, step.stage, step.microbatch)
                 timeline.append(TimedAction(self.group.rank, step, t0, time.perf_counter()))
-                peak = max(peak, len(self._live))
+                # Held activations as the simulator counts them: forwards whose B or I is to come.
+                peak = max(peak, sum(e.grad is None for e in self._live.values()))
                 peak_bytes = max(peak_bytes, sum(e.bytes for e in self._live.values()))
             else:
                 self._communicate(step)
@@ -168,9 +181,14 @@ class Pipeline:
             work.wait()
         self._pending.clear()
 
+        if current is not None:
+            self._restore_weights(current)
+        if self.sched.placement == "bidirectional":
+            self._sum_replica_gradients()
+        # Each chain's last stage holds its micro-batches' losses; the others add zero.
         mean = torch.tensor([sum(losses) / m if losses else 0.0], dtype=torch.float64)
         if self.group.size > 1:
-            pycomm.broadcast(mean, (self.num_stages - 1) % self.group.size, group=self.group)
+            pycomm.all_reduce(mean, group=self.group)
         self.last_stats = StepStats(float(mean), timeline, peak, peak_bytes)
         return self.last_stats
 
@@ -199,7 +217,7 @@ class Pipeline:
 
     def _forward(self, s: int, i: int, targets) -> float | None:
         x = self._acts.pop((s, i))
-        if s > 0:
+        if self.sched.prev_stage(s) is not None:
             x.requires_grad_(True)
         storages: dict[int, int] = {}
 
@@ -211,31 +229,118 @@ class Pipeline:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = self._run_stage(s, x)
-            loss = self.loss_fn(y, targets[i]) if s == self.num_stages - 1 else None
+            nxt = self.sched.next_stage(s)
+            loss = self.loss_fn(y, targets[i]) if nxt is None else None
         storages[x.untyped_storage().data_ptr()] = x.numel() * x.element_size()
         if loss is not None:
             self._live[(s, i)] = _Live(x, loss, sum(storages.values()))
             return float(loss.detach())
         self._live[(s, i)] = _Live(x, y, sum(storages.values()))
-        if self.sched.rank_of(s + 1) == self.group.rank:
-            self._acts[(s + 1, i)] = y.detach()  # same rank: hand over, new graph per stage
+        assert nxt is not None  # not the end of a chain: the output goes on
+        if self.sched.rank_of(nxt) == self.group.rank:
+            self._acts[(nxt, i)] = y.detach()  # same rank: hand over, new graph per stage
         else:
             self._out[(s, i)] = y.detach().contiguous()
         return None
 
-    def _backward(self, s: int, i: int) -> None:
-        live = self._live.pop((s, i))
-        if s == self.num_stages - 1:
-            (live.y / self.microbatches).backward()
-        else:
-            torch.autograd.backward(live.y, self._grads.pop((s, i)))
-        if s == 0:
-            return
-        g = live.x.grad if live.x.grad is not None else torch.zeros_like(live.x)
-        if self.sched.rank_of(s - 1) == self.group.rank:
-            self._grads[(s - 1, i)] = g
+    def _output_and_grad(self, s: int, i: int, live: _Live):
+        """What the backward starts from: the scaled loss at a chain's end, else the output and
+        the gradient received for it."""
+        if self.sched.next_stage(s) is None:
+            return live.y / self.microbatches, None
+        return live.y, self._grads.pop((s, i))
+
+    def _send_input_grad(self, s: int, i: int, g: torch.Tensor) -> None:
+        prev = self.sched.prev_stage(s)
+        assert prev is not None  # only stages with a previous stage send an input-gradient
+        if self.sched.rank_of(prev) == self.group.rank:
+            self._grads[(prev, i)] = g
         else:
             self._gin[(s, i)] = g.contiguous()
+
+    def _backward(self, s: int, i: int) -> None:
+        """B: the whole backward, input- and weight-gradients in one autograd pass."""
+        live = self._live.pop((s, i))
+        out, grad = self._output_and_grad(s, i, live)
+        torch.autograd.backward(out, grad)
+        if self.sched.prev_stage(s) is not None:
+            self._send_input_grad(s, i, live.x.grad if live.x.grad is not None else torch.zeros_like(live.x))
+
+    def _input_backward(self, s: int, i: int) -> None:
+        """I: only the gradient the previous stage waits for; the graph is kept for W.
+
+        The two halves each walk the stage's graph, so a split backward costs one extra pass
+        over the non-matmul nodes; what the schedule gains is that the previous stage gets its
+        gradient a W earlier."""
+        live = self._live[(s, i)]
+        out, grad = self._output_and_grad(s, i, live)
+        # The loss's gradient is implicit (None); a placeholder marks the I as done.
+        live.y, live.grad = out, grad if grad is not None else torch.ones_like(out)
+        if self.sched.prev_stage(s) is None:
+            return  # the first stage has no input-gradient to send: W does all the work
+        (g,) = torch.autograd.grad(out, live.x, grad, retain_graph=True)
+        self._send_input_grad(s, i, g)
+
+    def _weight_backward(self, s: int, i: int) -> None:
+        """W: the parameters' gradients, accumulated into ``.grad``; frees the graph."""
+        live = self._live.pop((s, i))
+        params = [q for q in self.stages[s].parameters() if q.requires_grad]
+        if params:
+            torch.autograd.backward(live.y, live.grad, inputs=params)
+
+    _BACKWARDS = {Kind.B: _backward, Kind.I: _input_backward, Kind.W: _weight_backward}
+
+    # ------------------------------------------------------------------ weights
+
+    def _params(self) -> list[torch.Tensor]:
+        return [q for s in sorted(self.stages) for q in self.stages[s].parameters()]
+
+    def _use_previous_weights(self) -> list[torch.Tensor]:
+        """PipeDream-2BW: compute this step with the weights of one step ago (the first step
+        with the current ones); returns the current ones to put back."""
+        params = self._params()
+        current = [q.data for q in params]
+        if self._previous is None:
+            self._previous = [t.clone() for t in current]
+        for q, old in zip(params, self._previous):
+            q.data = old
+        return current
+
+    def _restore_weights(self, current: list[torch.Tensor]) -> None:
+        params = self._params()
+        for q, cur in zip(params, current):
+            q.data = cur
+        # The version the next step computes with: these weights, before the optimizer step
+        # that follows this one (the 1-stale update).
+        self._previous = [t.clone() for t in current]
+
+    def _sum_replica_gradients(self) -> None:
+        """Chimera: stage ``s`` (down pipeline) and ``p+s`` (up pipeline) hold the same weights;
+        each gets the sum of both replicas' gradients, so they stay equal under any optimizer.
+        Rank ``r``'s replicas live on rank ``p-1-r``."""
+        p, r = self.group.size, self.group.rank
+        mine = sorted(self.stages)
+        flat = [torch.cat([q.grad.reshape(-1) if q.grad is not None else torch.zeros(q.numel(), dtype=q.dtype)
+                           for q in self.stages[s].parameters()]) for s in mine]
+        partner = p - 1 - r  # never r: chimera needs an even p
+        recv = [torch.empty_like(flat[1]), torch.empty_like(flat[0])]  # partner's, in its order
+        ops = [pycomm.P2POp(pycomm.isend, f, partner, self.group) for f in flat]
+        ops += [pycomm.P2POp(pycomm.irecv, t, partner, self.group) for t in recv]
+        for w in pycomm.batch_isend_irecv(ops):
+            w.wait()
+        # The partner's stages, ascending, are the replicas of mine in reverse order.  Adding in
+        # replica order (down pipeline first) gives both ranks the same bits.
+        down_first = [(flat[0], recv[1]), (recv[0], flat[1])]
+        sums = {mine[k]: down_first[k][0] + down_first[k][1] for k in range(2)}
+        for s in mine:
+            offset = 0
+            for q in self.stages[s].parameters():
+                g = sums[s][offset:offset + q.numel()].view_as(q)
+                offset += q.numel()
+                if q.grad is None:
+                    q.grad = g.clone()
+                else:
+                    q.grad.copy_(g)
 
     # ------------------------------------------------------------------ messages
 
@@ -276,36 +381,42 @@ class Pipeline:
 
     def _probe(self, x0: torch.Tensor) -> None:
         """Learn the input shape of every stage this rank receives (module docstring)."""
-        p, me = self.group.size, self.group.rank
+        me = self.group.rank
         modes = {s: mod.training for s, mod in self.stages.items()}
         x: torch.Tensor | None = None
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             tp_state = prandom.tensor_parallel_generator().get_state()
             try:
-                for s in range(self.num_stages):
-                    if s % p != me:
+                # Chain by chain, in order: every rank walks the same global order, so the
+                # blocking sends and receives below always meet.
+                chains = sorted({tuple(self.sched.chain(i)) for i in range(self.microbatches)})
+                for s in (s for chain in chains for s in chain):
+                    if self.sched.rank_of(s) != me:
                         continue
-                    if s == 0:
+                    prev, nxt = self.sched.prev_stage(s), self.sched.next_stage(s)
+                    if prev is None:
                         x = x0
-                    elif (s - 1) % p != me:
+                    elif self.sched.rank_of(prev) != me:
+                        src = self.sched.rank_of(prev)
                         header = torch.zeros(10, dtype=torch.int64)
-                        pycomm.recv(header, (s - 1) % p, group=self.group)
+                        pycomm.recv(header, src, group=self.group)
                         shape = tuple(header[2:2 + int(header[1])].tolist())
                         x = torch.empty(shape, dtype=_DTYPES[int(header[0])])
-                        pycomm.recv(x, (s - 1) % p, group=self.group)
+                        pycomm.recv(x, src, group=self.group)
                     assert x is not None  # stage s's input: x0, received, or computed here
                     self._shapes[s] = (tuple(x.shape), x.dtype)
                     self.stages[s].eval()
                     y = self.stages[s](x).contiguous()
-                    if s + 1 < self.num_stages and (s + 1) % p != me:
+                    if nxt is not None and self.sched.rank_of(nxt) != me:
+                        dst = self.sched.rank_of(nxt)
                         if y.dim() > 8 or y.dtype not in _DTYPES:
                             raise ValueError(f"stage {s} outputs a {y.dim()}-d {y.dtype} tensor; the "
                                              f"pipeline passes tensors of at most 8 dims of {_DTYPES}")
                         header = torch.zeros(10, dtype=torch.int64)
                         header[0], header[1] = _DTYPES.index(y.dtype), y.dim()
                         header[2:2 + y.dim()] = torch.tensor(y.shape)
-                        pycomm.send(header, (s + 1) % p, group=self.group)
-                        pycomm.send(y, (s + 1) % p, group=self.group)
+                        pycomm.send(header, dst, group=self.group)
+                        pycomm.send(y, dst, group=self.group)
                     x = y
             finally:
                 prandom.tensor_parallel_generator().set_state(tp_state)
@@ -319,9 +430,12 @@ class Pipeline:
         stats = stats or self.last_stats
         if stats is None:
             raise RuntimeError("Pipeline.measured: run step() first")
-        n = len(stats.timeline)
-        mine = torch.tensor([[t.start, t.end] for t in stats.timeline] + [[stats.peak_activations, 0]],
-                            dtype=torch.float64).view(-1)
+        computes = [[st for st in prog if isinstance(st, Action) and st.kind.is_compute]
+                    for prog in self.sched.actions]
+        n = max(len(c) for c in computes)  # ranks may run different counts (B vs I+W): pad
+        rows_mine = [[t.start, t.end] for t in stats.timeline]
+        rows_mine += [[0.0, 0.0]] * (n - len(rows_mine)) + [[stats.peak_activations, 0]]
+        mine = torch.tensor(rows_mine, dtype=torch.float64).view(-1)
         every = torch.empty(self.group.size * mine.numel(), dtype=torch.float64)
         if self.group.size > 1:
             pycomm.all_gather(every, mine, group=self.group)
@@ -329,23 +443,25 @@ class Pipeline:
             every.copy_(mine)
         every = every.view(self.group.size, n + 1, 2)
         peaks = tuple(int(every[r, n, 0]) for r in range(self.group.size))
-        every = every[:, :n]
-        t0 = float(every[..., 0].min())
+        t0 = min(float(every[r, 0, 0]) for r in range(self.group.size) if computes[r])
         rows: list = []
-        fwd: list = []
-        bwd: list = []
-        computes = [[st for st in prog if isinstance(st, Action) and st.kind.is_compute]
-                    for prog in self.sched.actions]
+        took: dict[str, list[float]] = {}
         for r in range(self.group.size):
             row = []
             for k, act in enumerate(computes[r]):
                 a, b = float(every[r, k, 0]) - t0, float(every[r, k, 1]) - t0
                 row.append(TimedAction(r, act, a, b))
-                (fwd if act.kind is Kind.F else bwd).append(b - a)
+                key = act.kind.info.duration
+                assert key is not None  # a computation
+                took.setdefault(key, []).append(b - a)
             rows.append(tuple(row))
         makespan = max(t.end for row in rows for t in row)
-        v = self.sched.virtual
+        # Back to full-stage units, the simulator's convention.
+        full = {k: sum(v) / len(v) / self.sched.stage_share for k, v in took.items()}
+        t_input, t_weight = full.get("input"), full.get("weight")
+        t_bwd = full.get("bwd", (t_input or 0.0) + (t_weight or 0.0))
+        if "bwd" in full and (t_input is None) != (t_weight is None):
+            t_input = t_weight = None
         return SimulationResult(
-            self.sched, v * sum(fwd) / len(fwd), v * sum(bwd) / len(bwd), tuple(rows), makespan,
-            peaks,
+            self.sched, full["fwd"], t_bwd, tuple(rows), makespan, peaks, t_input, t_weight,
         )

@@ -1,199 +1,71 @@
-"""Pipeline-parallel schedules as data.
+"""Pipeline-parallel schedules: one function per schedule, and the registry that names them.
 
 Contract
 --------
-A schedule is a :class:`Schedule`: for each rank (device) ``0 .. stages-1`` an ordered tuple of
-*steps* that rank executes one after the other.  Nothing here runs a model; the runtime, the
-validator (``validate.py``) and the simulator (``simulate.py``) all consume the same steps.
+Each schedule function returns a compute-only :class:`~.actions.Schedule` (the data model, the
+action kinds F/B/I/W and the placements are in ``actions.py``).  ``comm.add_communication`` is
+the separate lowering pass that inserts the messages; ``validate.validate`` checks the result;
+``simulate`` times it; ``runtime.Pipeline`` runs it.
 
-* A step is an :class:`Action` (one computation or one blocking point-to-point message) or a
-  :class:`Batch` (several messages issued together, like ``torch.distributed.batch_isend_irecv``,
-  and then all waited for).
-* ``Action.stage`` is the *model* stage index, ``0 .. stages*virtual-1``.  Model stage ``s`` lives
-  on rank ``s % stages`` (Megatron's placement: with ``virtual`` chunks per device, device ``d``
-  holds chunks ``d, d+p, d+2p, ...``).  Without interleaving the model stage equals the rank.
-* Text form, as in ``torch.distributed.pipelining``: ``"{stage}{kind}{microbatch}"``, e.g.
-  ``"2F0"`` (stage 2 forward of micro-batch 0), ``"0B3"``, ``"1SEND_F0"``; a batch joins its
-  messages with ``+``: ``"1SEND_F0+1RECV_B0"``.  :func:`parse_step` reads it back.
+:data:`SCHEDULES` is the one registry: name -> :class:`ScheduleSpec` (its builder, how many
+model chunks per rank it takes, whether it is synchronous, a one-line summary).
+:func:`build_schedule`, the table command and ``examples/train_gpt.py`` read only the registry,
+so adding a schedule is its function plus one registry row.
 
-Messages are named after the stage that owns them on *this* rank: ``sSEND_Fm`` sends the output
-of stage ``s`` to stage ``s+1``; ``sRECV_Fm`` receives the input of stage ``s`` from ``s-1``;
-``sSEND_Bm`` sends the input-gradient of stage ``s`` to ``s-1``; ``sRECV_Bm`` receives the
-output-gradient of stage ``s`` from ``s+1``.  :meth:`Schedule.peer` gives the other rank.
-
-The schedule functions (:func:`gpipe`, :func:`one_f_one_b`, :func:`interleaved_1f1b`) only emit
-computations.  ``comm.add_communication`` is the separate lowering pass that inserts the
-messages (its docstring states the ordering rule); ``validate.validate`` checks the result.
+Schedules whose order follows a paper's hand-made figure are written out directly (GPipe, 1F1B,
+interleaved 1F1B, looped BFS, ZB-V and DualPipe-V, the last two as in
+``torch.distributed.pipelining``).  ZB-H1, ZB-H2 and Chimera come from :func:`_list_schedule`,
+the greedy list scheduler of the zero-bubble paper's heuristic (each rank, whenever it is free,
+runs a backward if one is ready, else a forward if its activation budget allows, else a pending
+weight-gradient): their difference is the activation budget per rank and the placement.
 """
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from .actions import (
+    KIND_INFO,
+    Action,
+    Batch,
+    Kind,
+    Schedule,
+    ScheduleError,
+    Step,
+    format_program,
+    parse_program,
+    parse_step,
+    step_ops,
+)
 
 __all__ = [
     "Kind",
+    "KIND_INFO",
     "Action",
     "Batch",
     "Step",
     "Schedule",
     "ScheduleError",
+    "ScheduleSpec",
     "SCHEDULES",
     "gpipe",
     "one_f_one_b",
     "interleaved_1f1b",
+    "looped_bfs",
+    "zb_h1",
+    "zb_h2",
+    "zb_v",
+    "dualpipe_v",
+    "chimera",
+    "pipedream_2bw",
     "build_schedule",
     "parse_step",
     "format_program",
     "parse_program",
+    "step_ops",
 ]
-
-
-class ScheduleError(ValueError):
-    """A schedule (hand-written or generated) that cannot run correctly; the message names the
-    rank and the step."""
-
-
-class Kind(str, Enum):
-    """What an :class:`Action` does.  ``F``/``B`` compute; the rest move one tensor."""
-
-    F = "F"
-    B = "B"
-    SEND_F = "SEND_F"
-    RECV_F = "RECV_F"
-    SEND_B = "SEND_B"
-    RECV_B = "RECV_B"
-
-    @property
-    def is_compute(self) -> bool:
-        return self in (Kind.F, Kind.B)
-
-    @property
-    def is_send(self) -> bool:
-        return self in (Kind.SEND_F, Kind.SEND_B)
-
-
-# Longest names first so that the regex never stops at "F" inside "SEND_F".
-_ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B)(\d+)$")
-
-
-@dataclass(frozen=True, order=True)
-class Action:
-    """One computation or one message of one micro-batch at one model stage."""
-
-    stage: int
-    """Model stage index, ``0 .. stages*virtual-1`` (rank = ``stage % stages``)."""
-    kind: Kind
-    """F, B, or one of the four message kinds."""
-    microbatch: int
-    """Micro-batch index, ``0 .. microbatches-1``."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", Kind(self.kind))
-
-    def __str__(self) -> str:
-        return f"{self.stage}{self.kind.value}{self.microbatch}"
-
-    @classmethod
-    def parse(cls, text: str) -> Action:
-        m = _ACTION_RE.match(text.strip())
-        if m is None:
-            raise ValueError(
-                f"cannot parse action {text!r}: expected '<stage><kind><microbatch>' with kind one "
-                f"of {[k.value for k in Kind]}, e.g. '2F0' or '1SEND_B3'"
-            )
-        return cls(int(m.group(1)), Kind(m.group(2)), int(m.group(3)))
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Messages posted together and waited for together (``batch_isend_irecv`` + wait all).
-
-    Only messages, never computations; at least two of them (a single message is an Action).
-    """
-
-    ops: tuple[Action, ...]
-    """The sends and receives, sends first."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ops", tuple(self.ops))
-        if len(self.ops) < 2 or any(op.kind.is_compute for op in self.ops):
-            raise ValueError(
-                f"a Batch holds two or more messages and no computation, got "
-                f"{[str(o) for o in self.ops]}; use a plain Action for a single step"
-            )
-
-    def __str__(self) -> str:
-        return "+".join(str(op) for op in self.ops)
-
-
-Step = Action | Batch
-
-
-def parse_step(text: str) -> Step:
-    """Inverse of ``str(step)``: ``"2F0"`` → Action, ``"1SEND_F0+1RECV_B0"`` → Batch."""
-    parts = text.strip().split("+")
-    if len(parts) == 1:
-        return Action.parse(parts[0])
-    return Batch(tuple(Action.parse(p) for p in parts))
-
-
-def format_program(steps: Iterable[Step]) -> str:
-    """One rank's steps as space-separated text (round-trips through :func:`parse_program`)."""
-    return " ".join(str(s) for s in steps)
-
-
-def parse_program(text: str) -> list[Step]:
-    return [parse_step(tok) for tok in text.split()]
-
-
-def step_ops(step: Step) -> tuple[Action, ...]:
-    """The actions of a step: itself, or the messages of a batch."""
-    return step.ops if isinstance(step, Batch) else (step,)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Per-rank step lists for ``stages`` ranks, ``microbatches`` micro-batches and ``virtual``
-    model chunks per rank."""
-
-    name: str
-    """Schedule name, one of :data:`SCHEDULES` for generated ones."""
-    stages: int
-    """Number of pipeline ranks (devices), ``p``."""
-    microbatches: int
-    """Number of micro-batches per step, ``m``."""
-    virtual: int
-    """Model chunks per rank, ``v`` (1 unless interleaved)."""
-    actions: Sequence[Sequence[Step]] = field(repr=False)
-    """``actions[rank]`` is what that rank executes, in order (stored as tuples)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "actions", tuple(tuple(a) for a in self.actions))
-
-    @property
-    def num_model_stages(self) -> int:
-        return self.stages * self.virtual
-
-    def rank_of(self, stage: int) -> int:
-        return stage % self.stages
-
-    def peer(self, action: Action) -> int | None:
-        """The rank on the other end of a message; ``None`` for a computation."""
-        delta = {Kind.SEND_F: 1, Kind.RECV_F: -1, Kind.SEND_B: -1, Kind.RECV_B: 1}.get(action.kind)
-        return None if delta is None else self.rank_of(action.stage + delta)
-
-    @property
-    def has_communication(self) -> bool:
-        return any(not op.kind.is_compute for prog in self.actions for s in prog for op in step_ops(s))
-
-    def to_text(self) -> str:
-        """``rank r: <steps>`` lines; the whole schedule in the form a runtime log would show."""
-        return "\n".join(f"rank {r}: {format_program(p)}" for r, p in enumerate(self.actions))
-
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 
 def _check_common(name: str, stages: int, microbatches: int, virtual: int) -> None:
@@ -293,17 +165,336 @@ def interleaved_1f1b(stages: int, microbatches: int, virtual: int = 2) -> Schedu
     return Schedule("interleaved_1f1b", p, m, v, actions)
 
 
-def build_schedule(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
-    """The compute-only schedule called ``name`` (one of :data:`SCHEDULES`)."""
-    if name == "interleaved_1f1b":
-        return interleaved_1f1b(stages, microbatches, virtual)
-    if name in ("gpipe", "1f1b"):
-        if virtual != 1:
-            if isinstance(virtual, int) and virtual < 1:
-                _check_common(name, stages, microbatches, virtual)
-            raise ValueError(
-                f"{name!r} holds one model chunk per device, got virtual={virtual!r}; use "
-                f"virtual=1, or schedule='interleaved_1f1b' for {virtual} chunks per device"
+def looped_bfs(stages: int, microbatches: int, virtual: int = 2) -> Schedule:
+    """Looped BFS (Lamy-Poirier, "Breadth-First Pipeline Parallelism", 2022), as
+    ``torch.distributed.pipelining.ScheduleLoopedBFS``: each rank runs all micro-batches through
+    its first chunk, then its second, ... (breadth first), then the backwards chunk by chunk in
+    reverse.  GPipe's memory (all ``m`` micro-batches per chunk) for fewer, larger hand-overs;
+    the bubble is GPipe's divided by ``v`` once ``m >= p``."""
+    _check_common("looped_bfs", stages, microbatches, virtual)
+    p, m, v = stages, microbatches, virtual
+    actions = []
+    for r in range(p):
+        mine = [c * p + r for c in range(v)]
+        prog = [Action(s, Kind.F, i) for s in mine for i in range(m)]
+        prog += [Action(s, Kind.B, i) for s in reversed(mine) for i in reversed(range(m))]
+        actions.append(prog)
+    return Schedule("looped_bfs", p, m, v, actions)
+
+
+# Unit durations the greedy schedules are built for: the zero-bubble paper's T_F = T_B = T_W
+# (B there is our I).  The simulator can then time them with any durations.
+_BUILD_TIME = {Kind.F: 1.0, Kind.I: 1.0, Kind.W: 1.0, Kind.B: 2.0}
+
+
+def _list_schedule(name: str, p: int, m: int, placement: str, virtual: int,
+                   budget: Callable[[int], int], split: bool, forward_first: bool = False) -> Schedule:
+    """Greedy list scheduling in simulated time (module docstring): whenever a rank is free it
+    runs the oldest ready backward (I if ``split``, else B), else the next forward of a stage
+    holding fewer than ``budget(k)`` micro-batches' activations (``k``: the stage's position in
+    its chain), else the oldest pending W."""
+    skel = Schedule(name, p, m, virtual, [[] for _ in range(p)], placement)
+    nstages = skel.num_model_stages
+    fwd_order = {s: deque(i for i in range(m) if s in skel.chain(i)) for s in range(nstages)}
+    bwd_order: dict[int, deque[int]] = {s: deque() for s in range(nstages)}
+    end: dict[tuple[Kind, int, int], float] = {}
+    clock, held = [0.0] * p, [0] * nstages
+    weights: list[deque[Action]] = [deque() for _ in range(p)]
+    programs: list[list[Action]] = [[] for _ in range(p)]
+    back = Kind.I if split else Kind.B
+    left = [sum(len(fwd_order[s]) for s in skel.local_stages(r)) * (3 if split else 2) for r in range(p)]
+
+    def ready(key: tuple[Kind, int, int], t: float) -> bool:
+        return key in end and end[key] <= t
+
+    def choose(r: int, t: float) -> Action | None:
+        first, then = (forwards, backwards) if forward_first else (backwards, forwards)
+        return first(r, t) or then(r, t) or (weights[r].popleft() if weights[r] else None)
+
+    def backwards(r: int, t: float) -> Action | None:
+        # Backward first: it unblocks the previous stage and frees memory.  Among stages, the
+        # gradient that arrived first.
+        cands = []
+        for s in skel.local_stages(r):
+            if bwd_order[s]:
+                i = bwd_order[s][0]
+                nxt = skel.next_stage(s)
+                key = (Kind.F, s, i) if nxt is None else (back, nxt, i)
+                if ready((Kind.F, s, i), t) and ready(key, t):
+                    cands.append((end[key], -s, Action(s, back, i)))
+        if cands:
+            pick = min(cands)[2]
+            bwd_order[pick.stage].popleft()
+            if split:
+                weights[r].append(Action(pick.stage, Kind.W, pick.microbatch))
+            return pick
+        return None
+
+    def forwards(r: int, t: float) -> Action | None:
+        cands = []
+        for s in skel.local_stages(r):
+            if fwd_order[s] and held[s] < budget(s - skel.chain(fwd_order[s][0]).start):
+                i = fwd_order[s][0]
+                prv = skel.prev_stage(s)
+                if prv is None or ready((Kind.F, prv, i), t):
+                    cands.append((0.0 if prv is None else end[(Kind.F, prv, i)], s, Action(s, Kind.F, i)))
+        if cands:
+            pick = min(cands)[2]
+            fwd_order[pick.stage].popleft()
+            bwd_order[pick.stage].append(pick.microbatch)
+            return pick
+        return None
+
+    while any(left):
+        t = min(clock[q] for q in range(p) if left[q])
+        now = [q for q in range(p) if left[q] and clock[q] == t]
+        progressed = False
+        for r in now:
+            pick = choose(r, t)
+            if pick is None:
+                continue
+            held[pick.stage] += KIND_INFO[pick.kind].activations
+            clock[r] = t + _BUILD_TIME[pick.kind]
+            end[(pick.kind, pick.stage, pick.microbatch)] = clock[r]
+            programs[r].append(pick)
+            left[r] -= 1
+            progressed = True
+        if progressed:
+            continue
+        # Nobody can act at t: wait for the next computation to end.
+        later = [e for e in end.values() if e > t] + [clock[q] for q in range(p) if left[q] and clock[q] > t]
+        if not later:
+            raise ScheduleError(
+                f"{name}: ranks {now} can run nothing within their activation budgets "
+                f"(stages={p}, microbatches={m}); raise the budget"
             )
-        return gpipe(stages, microbatches) if name == "gpipe" else one_f_one_b(stages, microbatches)
-    raise ValueError(f"unknown pipeline schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}")
+        for r in now:
+            clock[r] = min(later)
+    return Schedule(name, p, m, virtual, programs, placement)
+
+
+def zb_h1(stages: int, microbatches: int) -> Schedule:
+    """ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024): 1F1B with the backward
+    split into I and W and the W passes moved into the bubbles, at 1F1B's activation memory
+    (rank ``r`` holds at most ``p-r`` micro-batches).  Bubble with T_F = T_I = T_W:
+    ``(p-1)(T_F + T_I - T_W)`` per rank, a third of 1F1B's ``(p-1)(T_F + T_I + T_W)``."""
+    _check_common("zb_h1", stages, microbatches, 1)
+    p, m = stages, microbatches
+    return _list_schedule("zb_h1", p, m, "loop", 1, lambda k: p - k, split=True)
+
+
+def zb_h2(stages: int, microbatches: int) -> Schedule:
+    """ZB-H2 (same paper): more warm-up forwards so that rank ``r`` may hold ``2(p-r)-1``
+    micro-batches, about twice 1F1B's memory, which fills the warm-up bubble too: with
+    ``T_F = T_I = T_W`` only the unavoidable ramp at the start and end is left."""
+    _check_common("zb_h2", stages, microbatches, 1)
+    p, m = stages, microbatches
+    return _list_schedule("zb_h2", p, m, "loop", 1, lambda k: 2 * (p - k) - 1, split=True)
+
+
+def chimera(stages: int, microbatches: int) -> Schedule:
+    """Chimera (Li and Hoefler, SC21): two replicas of the ``p``-stage model run as two
+    pipelines in opposite directions (placement ``"bidirectional"``: rank ``r`` holds stage
+    ``r`` of the down pipeline and stage ``p-1-r`` of the up pipeline); the first half of the
+    micro-batches goes down, the second half up, and each rank fills one pipeline's bubbles
+    with the other's work.  After the step, each stage's gradient is summed over its two
+    replicas (the runtime does it; ``Schedule.replica_of``).  Needs an even ``p`` and an even
+    ``m``, as in the paper; activations held per rank: at most ``p`` micro-batches' worth of
+    half-model stages, 1F1B's memory."""
+    _check_common("chimera", stages, microbatches, 1)
+    p, m = stages, microbatches
+    if p % 2 or m % 2:
+        raise ValueError(
+            f"chimera pairs each down-pipeline stage with an up-pipeline stage and splits the "
+            f"micro-batches in two halves: needs even stages and microbatches, got stages={p}, "
+            f"microbatches={m}; use e.g. stages={p + p % 2}, microbatches={m + m % 2}"
+        )
+    return _list_schedule("chimera", p, m, "bidirectional", 2, lambda k: p - k, split=False, forward_first=True)
+
+
+def zb_v(stages: int, microbatches: int) -> Schedule:
+    """ZB-V (the zero-bubble paper's V-shaped schedule, section 6), as
+    ``torch.distributed.pipelining.ScheduleZBVZeroBubble``: two chunks per rank placed in a V
+    (rank ``r`` holds stages ``r`` and ``2p-1-r``, so the first and last stage are both on rank
+    0), with I/W split.  Zero bubble with T_F = T_I = T_W once ``m >= 2p-1``, at 1F1B's peak
+    activation memory in full-stage units (``2p`` half-stage chunks on rank 0)."""
+    _check_common("zb_v", stages, microbatches, 2)
+    p, m = stages, microbatches
+    n = max(2 * p - 1, m)  # built for enough micro-batches, the extra ones dropped below
+    actions = []
+    for r in range(p):
+        s0, s1 = r, 2 * p - 1 - r
+        ops: list[Action] = []
+        f0 = f1 = b0 = b1 = 0
+        for _ in range(2 * (p - r) - 1):
+            ops.append(Action(s0, Kind.F, f0))
+            f0 += 1
+        for _ in range(r):
+            ops += [Action(s1, Kind.F, f1), Action(s0, Kind.F, f0)]
+            f1, f0 = f1 + 1, f0 + 1
+        for _ in range(p - r):
+            ops += [Action(s1, Kind.F, f1), Action(s1, Kind.I, b1), Action(s1, Kind.W, b1)]
+            f1, b1 = f1 + 1, b1 + 1
+        while f1 < f0 or f0 < n:
+            if f0 < n:
+                ops.append(Action(s0, Kind.F, f0))
+                f0 += 1
+            ops += [Action(s0, Kind.I, b0), Action(s0, Kind.W, b0)]
+            ops += [Action(s1, Kind.F, f1), Action(s1, Kind.I, b1), Action(s1, Kind.W, b1)]
+            b0, f1, b1 = b0 + 1, f1 + 1, b1 + 1
+        w0, w1 = b0, b1
+        for _ in range(r):
+            ops += [Action(s0, Kind.I, b0), Action(s1, Kind.I, b1)]
+            b0, b1 = b0 + 1, b1 + 1
+        for _ in range(p - r):
+            ops += [Action(s0, Kind.I, b0), Action(s0, Kind.W, w0)]
+            b0, w0 = b0 + 1, w0 + 1
+        ops += [Action(s1, Kind.W, i) for i in range(w1, b1)]
+        ops += [Action(s0, Kind.W, i) for i in range(w0, b0)]
+        actions.append([a for a in ops if a.microbatch < m])
+    return Schedule("zb_v", p, m, 2, actions, "v")
+
+
+def dualpipe_v(stages: int, microbatches: int) -> Schedule:
+    """DualPipe-V: the V-shaped, one-copy form of DeepSeek-V3's DualPipe, as
+    ``torch.distributed.pipelining.ScheduleDualPipeV`` (from deepseek-ai/DualPipe).  V placement
+    like ZB-V; in its main phase each rank pairs a forward of one chunk with a full backward of
+    the other (DeepSeek overlaps the pair's computation with its communication; here the two run
+    one after the other), and the tail splits backwards into I and W to fill the drain.  Needs
+    ``m >= 2p``."""
+    _check_common("dualpipe_v", stages, microbatches, 2)
+    p, m = stages, microbatches
+    if m < 2 * p:
+        raise ValueError(
+            f"dualpipe_v needs at least as many micro-batches as model stages (2 per rank): got "
+            f"microbatches={m}, stages={p}; use microbatches >= {2 * p}"
+        )
+    actions = []
+    for r in range(p):
+        s0, s1 = r, 2 * p - 1 - r
+        ops: list[Action] = []
+        count: dict[tuple[int, Kind], int] = {}
+        pending_w: deque[tuple[int, int]] = deque()
+
+        def add(stage: int, kind: Kind) -> None:
+            # A full backward and an I share one counter: both are "the next backward".
+            key = (stage, Kind.I if kind is Kind.B else kind)
+            i = count.get(key, 0)
+            ops.append(Action(stage, kind, i))
+            count[key] = i + 1
+            if kind is Kind.I:
+                pending_w.append((stage, i))
+
+        def add_w() -> None:
+            if pending_w:
+                stage, i = pending_w.popleft()
+                ops.append(Action(stage, Kind.W, i))
+
+        for _ in range(2 * (p - r - 1)):
+            add(s0, Kind.F)
+        for _ in range(r + 1):
+            add(s0, Kind.F)
+            add(s1, Kind.F)
+        for _ in range(p - r - 1):
+            add(s1, Kind.I)
+            add_w()
+            add(s1, Kind.F)
+        for _ in range(m - 2 * p + r + 1):
+            # F0 with B1, then F1 with B0 (the overlapped pairs)
+            add(s0, Kind.F)
+            add(s1, Kind.B)
+            add(s1, Kind.F)
+            add(s0, Kind.B)
+        for _ in range(p - r - 1):
+            add(s1, Kind.B)
+            add(s1, Kind.F)
+            add(s0, Kind.B)
+        zb = False
+        for k in range(r + 1):
+            if k == (r + 1) // 2 and r % 2 == 1:
+                zb = True
+            add(s1, Kind.I if zb else Kind.B)
+            if k == (r + 1) // 2 and r % 2 == 0:
+                zb = True
+            add(s0, Kind.I if zb else Kind.B)
+        for _ in range(p - r - 1):
+            add_w()
+            add(s0, Kind.I if zb else Kind.B)
+        for _ in range(r + 1):
+            add_w()
+        while pending_w:
+            add_w()
+        actions.append(ops)
+    return Schedule("dualpipe_v", p, m, 2, actions, "v")
+
+
+def pipedream_2bw(stages: int, microbatches: int) -> Schedule:
+    """PipeDream-2BW (Narayanan et al., ICML 2021): 1F1B without a flush between optimizer
+    steps.  Within one step its order is 1F1B's; the difference is across steps: the next step's
+    warm-up forwards start while this step's backwards drain, which is allowed because each
+    stage keeps two weight versions and the update is one step stale
+    (``W(t+1) = W(t) - lr * grad f(W(t-1))``).  The simulator times one step in isolation (the
+    1F1B bubble, which the overlap with the neighbouring steps removes in steady state); the
+    runtime applies the delayed update (``Pipeline(..., schedule="pipedream_2bw")``)."""
+    _check_common("pipedream_2bw", stages, microbatches, 1)
+    s = one_f_one_b(stages, microbatches)
+    return Schedule("pipedream_2bw", s.stages, s.microbatches, 1, s.actions)
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """One row of the registry."""
+
+    build: Callable[[int, int, int], Schedule]
+    """``build(stages, microbatches, virtual)`` -> the compute-only schedule."""
+    chunks: str
+    """Model chunks per rank: ``"one"`` (virtual must be 1), ``"any"`` (virtual >= 1 chosen by
+    the caller) or ``"two"`` (always 2, in a V or two pipelines; virtual may be 1 or 2)."""
+    synchronous: bool
+    """True when a step computes the serial model's gradient (a flush at the end)."""
+    summary: str
+    """One line for tables and ``--help``."""
+
+    def virtual_for(self, virtual: int) -> int:
+        """The chunk count the schedule builds for a requested ``virtual``."""
+        return 2 if self.chunks == "two" else virtual
+
+
+def _one(fn: Callable[[int, int], Schedule]) -> Callable[[int, int, int], Schedule]:
+    return lambda p, m, v: fn(p, m)
+
+
+SCHEDULES: Mapping[str, ScheduleSpec] = MappingProxyType({
+    "gpipe": ScheduleSpec(_one(gpipe), "one", True, "all forwards, then all backwards"),
+    "1f1b": ScheduleSpec(_one(one_f_one_b), "one", True, "one forward, one backward (PipeDream-flush)"),
+    "interleaved_1f1b": ScheduleSpec(interleaved_1f1b, "any", True, "Megatron's 1F1B over v chunks per rank"),
+    "looped_bfs": ScheduleSpec(looped_bfs, "any", True, "breadth first over v chunks per rank"),
+    "zb_h1": ScheduleSpec(_one(zb_h1), "one", True, "zero bubble, W in the bubbles, 1F1B memory"),
+    "zb_h2": ScheduleSpec(_one(zb_h2), "one", True, "zero bubble, longer warm-up, 2x memory"),
+    "zb_v": ScheduleSpec(lambda p, m, v: zb_v(p, m), "two", True, "zero bubble, two chunks in a V"),
+    "dualpipe_v": ScheduleSpec(lambda p, m, v: dualpipe_v(p, m), "two", True,
+                               "DeepSeek's DualPipe folded into a V"),
+    "chimera": ScheduleSpec(lambda p, m, v: chimera(p, m), "two", True,
+                            "two pipelines in opposite directions, replicas summed"),
+    "pipedream_2bw": ScheduleSpec(_one(pipedream_2bw), "one", False,
+                                  "asynchronous 1F1B, two weight versions, 1-stale update"),
+})
+"""Every schedule by name; iterating yields the names.  The one place a schedule is registered."""
+
+
+def build_schedule(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
+    """The compute-only schedule called ``name`` (a key of :data:`SCHEDULES`)."""
+    spec = SCHEDULES.get(name)
+    if spec is None:
+        raise ValueError(f"unknown pipeline schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}")
+    if spec.chunks != "any" and virtual != 1:
+        if isinstance(virtual, int) and virtual < 1:
+            _check_common(name, stages, microbatches, virtual)
+        if not (spec.chunks == "two" and virtual == 2):
+            many = [n for n, s in SCHEDULES.items() if s.chunks == "any"]
+            held = "one model chunk" if spec.chunks == "one" else "two model chunks"
+            raise ValueError(
+                f"{name!r} holds {held} per device, got virtual={virtual!r}; use "
+                f"virtual=1, or one of {', '.join(repr(n) for n in many)} for {virtual} chunks per device"
+            )
+    return spec.build(stages, microbatches, virtual)

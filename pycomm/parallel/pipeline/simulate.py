@@ -7,7 +7,9 @@ named schedule, adds communication, validates it and runs it; :func:`simulate_sc
 last two for any :class:`~.schedules.Schedule`.  Both return a :class:`SimulationResult`.
 
 Time model: a forward of one micro-batch through one model stage takes ``t_fwd / virtual``, a
-backward ``t_bwd / virtual`` (a chunk is 1/v of a device's layers, so a device's total compute
+backward ``t_bwd / virtual``, its halves I and W ``t_input / virtual`` and ``t_weight / virtual``
+(each half of ``t_bwd`` unless given; when both are given the fused B takes their sum), as
+``KindInfo.duration`` says (a chunk is 1/v of a device's layers, so a device's total compute
 is ``m * (t_fwd + t_bwd)`` whatever ``v`` is).  Messages take no time.  A receive (alone or in a
 Batch) waits until the peer has posted the matching send; a send is posted and completes in the
 background (``isend``, the runtime's model), so it never holds its rank back.  A schedule without
@@ -21,7 +23,9 @@ worst case is available too (``execute(..., blocking_sends=True)``); interleaved
 loses some time to senders waiting for busy receivers (``docs/pipeline.md`` shows how much).
 
 Peak activations: on each rank, the largest number of (stage, micro-batch) forwards whose
-backward has not run yet — the activations the runtime must keep.  For interleaved schedules a
+backward (B, or its input half I) has not run yet — the zero-bubble paper's memory count
+(``KindInfo.activations``); a pending W keeps only the inputs of the weight matmuls, which the
+runtime measures in bytes.  For interleaved schedules a
 chunk's activation counts as one (it is 1/v of a full stage's).
 """
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .comm import add_communication
-from .engine import Execution, TimedAction, execute
+from .engine import Durations, Execution, TimedAction, execute
 from .plot import format_grid, plot_timeline
 from .schedules import Schedule, build_schedule
 from .validate import validate
@@ -52,11 +56,19 @@ class SimulationResult:
     makespan: float
     """Time from the first computation to the last."""
     peak_activations: tuple[int, ...]
-    """Per device, most micro-batch activations held at once (chunk activations if v > 1)."""
+    """Per device, most micro-batch activations held at once (chunk activations if v > 1;
+    a forward adds one, its B or I frees it: the zero-bubble paper's count)."""
+    t_input: float | None = None
+    """Input-gradient (I) time on a full stage (None: half of t_bwd)."""
+    t_weight: float | None = None
+    """Weight-gradient (W) time on a full stage (None: half of t_bwd)."""
     busy: float = field(init=False)
     """Sum of computation time over all devices."""
 
     def __post_init__(self) -> None:
+        d = Durations(self.t_fwd, self.t_bwd, self.t_input, self.t_weight)
+        object.__setattr__(self, "t_input", d.input)
+        object.__setattr__(self, "t_weight", d.weight)
         object.__setattr__(
             self, "busy", sum(t.end - t.start for row in self.timeline for t in row)
         )
@@ -76,6 +88,12 @@ class SimulationResult:
         """idle / ideal compute time; (p-1)/m for GPipe and 1F1B, (p-1)/(v*m) interleaved."""
         return self.idle / self.busy
 
+    @property
+    def peak_stage_activations(self) -> tuple[float, ...]:
+        """Per device, peak activations in full-stage micro-batch units (a chunk's activation is
+        ``Schedule.stage_share`` of a stage's), comparable across schedules."""
+        return tuple(a * self.schedule.stage_share for a in self.peak_activations)
+
     def grid(self, unit: float | None = None) -> str:
         """Text grid: one row per device, one column per time step (see ``plot.format_grid``)."""
         return format_grid(self, unit)
@@ -85,11 +103,14 @@ class SimulationResult:
         return plot_timeline(self, path, title=title)
 
 
-def simulate_schedule(schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0) -> SimulationResult:
+def simulate_schedule(schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0, *,
+                      t_input: float | None = None, t_weight: float | None = None) -> SimulationResult:
     """Validate and simulate a given schedule (compute-only or lowered) as is."""
+    d = Durations(t_fwd, t_bwd, t_input, t_weight)
     validate(schedule)
-    ex = execute(schedule, t_fwd, t_bwd)
-    return SimulationResult(schedule, float(t_fwd), float(t_bwd), ex.timeline, ex.makespan, ex.peak_activations)
+    ex = execute(schedule, d.fwd, d.bwd, t_input=d.input, t_weight=d.weight)
+    return SimulationResult(schedule, d.fwd, d.bwd, ex.timeline, ex.makespan, ex.peak_activations,
+                            d.input, d.weight)
 
 
 def simulate(
@@ -99,7 +120,12 @@ def simulate(
     virtual: int = 1,
     t_fwd: float = 1.0,
     t_bwd: float = 2.0,
+    *,
+    t_input: float | None = None,
+    t_weight: float | None = None,
 ) -> SimulationResult:
-    """Simulate the named schedule ("gpipe", "1f1b", "interleaved_1f1b") with communication."""
+    """Simulate the named schedule (a key of ``SCHEDULES``) with communication."""
     compute = build_schedule(schedule, stages, microbatches, virtual)
-    return simulate_schedule(add_communication(compute, t_fwd, t_bwd), t_fwd, t_bwd)
+    d = Durations(t_fwd, t_bwd, t_input, t_weight)
+    lowered = add_communication(compute, d.fwd, d.bwd, t_input=d.input, t_weight=d.weight)
+    return simulate_schedule(lowered, d.fwd, d.bwd, t_input=d.input, t_weight=d.weight)

@@ -8,8 +8,10 @@ Checks, in order:
 
 1. shape: one step list per rank; stages and micro-batches in range; each action on the rank
    that owns its stage (``stage % stages``);
-2. every (stage, micro-batch) has exactly one ``F`` and one ``B``, and the ``B`` comes after its
-   ``F`` on that rank (the backward needs the forward's saved activations);
+2. every (stage, micro-batch) on the micro-batch's path (``Schedule.chain``) has exactly one
+   ``F`` and one backward form (``B``, or ``I`` and ``W``: ``actions.BACKWARD_FORMS``), each
+   after the kinds its ``KindInfo.after`` names (a backward needs its forward's activations, W
+   needs I's);
 3. messages (lowered schedules): each names a real neighbour on another rank, and between every
    pair of ranks the k-th send matches the k-th receive (same tensor, same order);
 4. execution: the lists are run step by step with blocking sends (a send waits for the matching
@@ -21,8 +23,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from .actions import BACKWARD_FORMS, Action, Kind, Schedule, ScheduleError, step_ops
 from .engine import execute
-from .schedules import Action, Kind, Schedule, ScheduleError, step_ops
 
 __all__ = ["validate", "find_problems"]
 
@@ -62,32 +64,61 @@ def find_problems(schedule: Schedule) -> list[str]:
                 if op.kind.is_compute:
                     where[(op.kind, op.stage, op.microbatch)].append((rank, k))
 
-    for stage in range(nstages):
-        owner = schedule.rank_of(stage)
-        for mb in range(m):
-            for kind, word in ((Kind.F, "forward"), (Kind.B, "backward")):
-                hits = where.get((kind, stage, mb), [])
-                act = Action(stage, kind, mb)
-                if not hits:
+    for mb in range(m):
+        chain = schedule.chain(mb)
+        for stage in range(nstages):
+            owner = schedule.rank_of(stage)
+            present = {kind for kind in Kind if (kind, stage, mb) in where}
+            if stage not in chain:
+                for kind in present:
                     problems.append(
-                        f"rank {owner}: stage {stage} micro-batch {mb} has no {word}; "
-                        f"add '{act}' to rank {owner}'s list"
+                        f"rank {owner}: '{Action(stage, kind, mb)}' runs micro-batch {mb} through "
+                        f"stage {stage}, which is not on its path (stages {chain.start}.."
+                        f"{chain.stop - 1}); remove it"
                     )
-                elif len(hits) > 1:
-                    steps = ", ".join(str(k) for _, k in hits)
-                    problems.append(
-                        f"rank {owner}: '{act}' runs {len(hits)} times (steps {steps}); "
-                        f"each (stage, micro-batch) needs exactly one {word}"
-                    )
-            f_hits, b_hits = where.get((Kind.F, stage, mb)), where.get((Kind.B, stage, mb))
-            if f_hits and b_hits and len(f_hits) == len(b_hits) == 1:
-                (_, kf), (_, kb) = f_hits[0], b_hits[0]
-                if kb < kf:
-                    problems.append(
-                        f"rank {owner}, step {kb} '{Action(stage, Kind.B, mb)}' comes before its "
-                        f"forward '{Action(stage, Kind.F, mb)}' (step {kf}); a backward needs "
-                        f"its forward's activations, so move it after step {kf}"
-                    )
+                continue
+            problems += _completeness(owner, stage, mb, present, where)
+    return problems
+
+
+def _completeness(owner: int, stage: int, mb: int, present: set[Kind],
+                  where: dict[tuple[Kind, int, int], list[tuple[int, int]]]) -> list[str]:
+    """One (stage, micro-batch): a forward, one backward form, each once, in ``after`` order."""
+    problems = []
+    forms = [form for form in BACKWARD_FORMS if form & present] or [BACKWARD_FORMS[0]]
+    if len(forms) > 1:
+        problems.append(
+            f"rank {owner}: stage {stage} micro-batch {mb} runs both a fused backward and its "
+            f"halves ({', '.join(sorted(str(Action(stage, k, mb)) for k in present - {Kind.F}))}); "
+            f"keep either '{Action(stage, Kind.B, mb)}' or the I and W pair"
+        )
+        return problems
+    for kind in sorted({Kind.F} | forms[0], key=list(Kind).index):
+        hits = where.get((kind, stage, mb), [])
+        act = Action(stage, kind, mb)
+        word = kind.info.word if kind is not Kind.B or forms[0] == BACKWARD_FORMS[0] else "backward"
+        if not hits:
+            problems.append(
+                f"rank {owner}: stage {stage} micro-batch {mb} has no {word}; "
+                f"add '{act}' to rank {owner}'s list"
+            )
+        elif len(hits) > 1:
+            steps = ", ".join(str(k) for _, k in hits)
+            problems.append(
+                f"rank {owner}: '{act}' runs {len(hits)} times (steps {steps}); "
+                f"each (stage, micro-batch) needs exactly one {word}"
+            )
+    for kind in present:
+        for before in kind.info.after:
+            first, then = where.get((Kind(before), stage, mb)), where.get((kind, stage, mb))
+            if first and then and len(first) == len(then) == 1 and then[0][1] < first[0][1]:
+                kb, kf = then[0][1], first[0][1]
+                word = Kind(before).info.word
+                problems.append(
+                    f"rank {owner}, step {kb} '{Action(stage, kind, mb)}' comes before its "
+                    f"{word} '{Action(stage, Kind(before), mb)}' (step {kf}); it needs the "
+                    f"{word}'s results, so move it after step {kf}"
+                )
     return problems
 
 
