@@ -84,6 +84,16 @@ class SimulationResult:
         return self.idle / (self.schedule.stages * self.makespan)
 
     @property
+    def steady_bubble_fraction(self) -> float:
+        """Idle time inside each device's own span (its first start to its last end) over the
+        sum of the spans: the bubble when consecutive steps overlap instead of flushing (the
+        zero-bubble paper's post-validation, PipeDream-2BW's asynchrony), where the stagger at
+        the start and end of a step is hidden by the neighbouring steps."""
+        spans = [row[-1].end - row[0].start for row in self.timeline if row]
+        busy = [sum(t.end - t.start for t in row) for row in self.timeline if row]
+        return (sum(spans) - sum(busy)) / sum(spans) if spans else 0.0
+
+    @property
     def bubble_overhead(self) -> float:
         """idle / ideal compute time; (p-1)/m for GPipe and 1F1B, (p-1)/(v*m) interleaved."""
         return self.idle / self.busy
