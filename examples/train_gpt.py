@@ -83,11 +83,12 @@ class TrainConfig:
     pp: int = 1
     """Pipeline-parallel degree."""
     schedule: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b or interleaved_1f1b."""
+    """Pipeline schedule: a name in ``pipeline.SCHEDULES`` (not chimera, see apply_pipeline)."""
     microbatches: int = 4
     """Micro-batches per step, per data-parallel replica."""
     virtual: int = 2
-    """Model chunks per pipeline rank for interleaved_1f1b."""
+    """Model chunks per pipeline rank, for the schedules that take any number (interleaved_1f1b,
+    looped_bfs); the V-shaped ones always hold two."""
     steps: int = 20
     """Optimizer steps."""
     batch: int = 16
@@ -186,12 +187,24 @@ def batch_for_step(cfg: GPTConfig, step: int, batch: int, seed: int) -> tuple[to
 # ---------------------------------------------------------------------------- composition
 
 
+def _virtual(tc: TrainConfig) -> int:
+    """Chunks per rank: --virtual for schedules that take any number (the registry says which)."""
+    return tc.virtual if pipeline.SCHEDULES[tc.schedule].chunks == "any" else 1
+
+
 def apply_pipeline(layers, tc: TrainConfig, mesh):
     """This pipeline rank's stages wrapped in the runtime; returns (runtime, local layers by
     global index)."""
-    virtual = tc.virtual if tc.schedule == "interleaved_1f1b" else 1
-    ranges = pipeline.partition(len(layers), mesh.pp * virtual)
-    mine = pipeline.local_stages(mesh.pp_rank, mesh.pp, virtual)
+    virtual = _virtual(tc)
+    sched = pipeline.build_schedule(tc.schedule, mesh.pp, tc.microbatches, virtual)
+    if sched.placement == "bidirectional":
+        raise ValueError(
+            f"schedule {tc.schedule!r} keeps two replicas of every stage, and this example's "
+            f"checkpoints hold one copy of each layer; pick another schedule (the runtime itself "
+            f"runs it: tests/parallel/test_parallel_pipeline_runtime.py)"
+        )
+    ranges = pipeline.partition(len(layers), sched.num_model_stages)
+    mine = sched.local_stages(mesh.pp_rank)
     stages = {s: nn.Sequential(*[layers[i] for i in ranges[s]]) for s in mine}
     local = nn.ModuleDict({str(i): layers[i] for s in mine for i in ranges[s]})
     tp_group = mesh.tp_group
@@ -335,7 +348,7 @@ def _train(tc: TrainConfig, cfg: GPTConfig, load_state: dict | None, return_stat
         if rank0:
             measured.plot(tc.timeline, title=(
                 f"measured: {tc.schedule}, p={tc.pp}, m={tc.microbatches}"
-                + (f", v={tc.virtual}" if tc.schedule == "interleaved_1f1b" else "")
+                + (f", v={_virtual(tc)}" if _virtual(tc) > 1 else "")
                 + f" (bubble {measured.bubble_fraction:.1%} of device time)"))
             print(f"timeline written to {tc.timeline} (measured bubble fraction "
                   f"{measured.bubble_fraction:.3f})", flush=True)
@@ -351,9 +364,10 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--schedule", choices=pipeline.SCHEDULES, default="1f1b")
+    p.add_argument("--schedule", choices=list(pipeline.SCHEDULES), default="1f1b",
+                   help="; ".join(f"{n}: {s.summary}" for n, s in pipeline.SCHEDULES.items()))
     p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--virtual", type=int, default=2, help="chunks per rank for interleaved_1f1b")
+    p.add_argument("--virtual", type=int, default=2, help="chunks per rank for interleaved_1f1b and looped_bfs")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)

@@ -82,6 +82,8 @@ def test_pipeline_gradients_exact(run, schedule):
     ref_loss, ref_grads = _reference(m)
     res = run(2, job_pipeline, schedule, m, virtual, False, 0.0)
     seen = {}
+    # activations held, counted as the simulator counts them, are the simulator's numbers
+    assert tuple(r[2] for r in res) == pipeline.simulate(schedule, 2, m, virtual).peak_activations
     for loss, grads, _, _ in res:
         assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
         for i, copies in grads.items():
@@ -95,6 +97,67 @@ def test_pipeline_gradients_exact(run, schedule):
         for grads in seen[i]:
             for g, ref in zip(grads, refs):
                 torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+
+
+def job_2bw(steps, lr):
+    torch.set_num_threads(1)
+    mesh = parallel.init_mesh(pp=pycomm.get_world_size())
+    layers = _layers()
+    stages, held = _stage_modules(layers, mesh.pp_rank, mesh.pp, "pipedream_2bw", 4, 1)
+    pipe = pipeline.Pipeline(stages, "pipedream_2bw", 4, _loss, mesh.pp_group)
+    params = [q for mod in stages.values() for q in mod.parameters()]
+    opt = torch.optim.SGD(params, lr=lr)
+    x, t = _batch()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        losses.append(pipe.step(x, t).loss)
+        opt.step()
+    weights = {i: [q.detach().clone() for q in layer.parameters()] for pairs in held.values() for i, layer in pairs}
+    return losses, weights
+
+
+def test_pipedream_2bw_matches_its_delayed_update_reference(run):
+    # PipeDream-2BW's rule: W(t+1) = W(t) - lr * grad f(W(t-1)), the first step with W(0).
+    steps, lr, m = 4, 0.5, 4
+    model = nn.Sequential(*_layers())
+    x, t = _batch()
+    previous = [q.detach().clone() for q in model.parameters()]
+    ref_losses = []
+    for _ in range(steps):
+        current = [q.detach().clone() for q in model.parameters()]
+        with torch.no_grad():
+            for q, old in zip(model.parameters(), previous):
+                q.copy_(old)
+        model.zero_grad()
+        loss = sum(_loss(model(xi), ti) for xi, ti in zip(x.chunk(m), t.chunk(m))) / m
+        loss.backward()
+        ref_losses.append(float(loss.detach()))
+        with torch.no_grad():
+            for q, cur in zip(model.parameters(), current):
+                q.copy_(cur - lr * q.grad)
+        previous = current
+    res = run(2, job_2bw, steps, lr)
+    seen = {}
+    for losses, weights in res:
+        for a, b in zip(losses, ref_losses):
+            assert abs(a - b) <= 1e-6 * abs(b), (losses, ref_losses)
+        seen.update(weights)
+    ref_weights = iter([q.detach() for q in model.parameters()])
+    for i in range(N_LAYERS):
+        for q in seen[i]:
+            torch.testing.assert_close(q, next(ref_weights), rtol=1e-5, atol=1e-6)
+    # and it is not the synchronous rule: the losses differ from plain SGD's after step 2
+    sync = nn.Sequential(*_layers())
+    opt = torch.optim.SGD(sync.parameters(), lr=lr)
+    sync_losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = sum(_loss(sync(xi), ti) for xi, ti in zip(x.chunk(m), t.chunk(m))) / m
+        loss.backward()
+        opt.step()
+        sync_losses.append(float(loss.detach()))
+    assert sync_losses[0] == ref_losses[0] and abs(sync_losses[2] - ref_losses[2]) > 1e-4
 
 
 def test_activation_checkpointing_same_gradients_with_dropout(run):
@@ -133,12 +196,12 @@ def test_pipeline_errors(run):
 # ----------------------------------------------------------------------------- bubble
 
 
-class _Timed(torch.autograd.Function):
-    """A stage of fixed duration: forward takes t_f, backward t_b (sleeping, like a host waiting
-    for an accelerator).  Real CPU compute on this shared 2-core machine runs twice as fast when
-    one rank is alone (in the bubble) as when both compute, which no fixed-duration model
-    captures; fixed durations make the comparison measure the runtime itself: the order it runs
-    the lists in and the cost of its messages."""
+class _Sleep(torch.autograd.Function):
+    """Identity that sleeps ``t_f`` in the forward and ``t_b`` in the backward, like a host
+    waiting for an accelerator.  Real CPU compute on this shared 2-core machine runs twice as
+    fast when one rank is alone (in the bubble) as when both compute, which no fixed-duration
+    model captures; fixed durations make the comparison measure the runtime itself: the order
+    it runs the lists in and the cost of its messages."""
 
     @staticmethod
     def forward(ctx, x, t_f, t_b):
@@ -153,21 +216,32 @@ class _Timed(torch.autograd.Function):
 
 
 class _TimedStage(nn.Module):
-    def __init__(self, t_f, t_b):
+    """Forward t_f; backward t_b, split as the runtime splits it: the input-gradient half (I)
+    sleeps on the path to the input, the weight-gradient half (W) on the path to the weight.
+    A first stage has no input-gradient to compute, so there both halves sleep in W (what any
+    runtime does: its I is empty)."""
+
+    def __init__(self, t_f, t_b, first):
         super().__init__()
         self.w = nn.Parameter(torch.ones(()))
-        self.t_f, self.t_b = t_f, t_b
+        self.u = nn.Parameter(torch.ones(()))
+        self.t_f, self.t_b, self.first = t_f, t_b, first
 
     def forward(self, x):
-        return _Timed.apply(x * self.w, self.t_f, self.t_b)
+        w = _Sleep.apply(self.w, 0.0, self.t_b / 2)
+        if self.first:
+            x = x * _Sleep.apply(self.u, 0.0, self.t_b / 2)
+        return _Sleep.apply(x, self.t_f, 0.0 if self.first else self.t_b / 2) * w
 
 
 def job_bubble(schedule, m, virtual, t_f):
     torch.set_num_threads(1)
     mesh = parallel.init_mesh(pp=pycomm.get_world_size())
-    # a chunk is 1/v of a device's layers: it takes 1/v of the time (the simulator's model)
-    stages = {s: _TimedStage(t_f / virtual, 2 * t_f / virtual)
-              for s in pipeline.local_stages(mesh.pp_rank, mesh.pp, virtual)}
+    sched = pipeline.build_schedule(schedule, mesh.pp, m, virtual)
+    # a chunk is a share of a device's layers: it takes that share of the time (the simulator's model)
+    share = sched.stage_share
+    stages = {s: _TimedStage(t_f * share, 2 * t_f * share, sched.prev_stage(s) is None)
+              for s in sched.local_stages(mesh.pp_rank)}
     pipe = pipeline.Pipeline(stages, schedule, m, lambda y, t: y.square().mean(), mesh.pp_group, virtual=virtual)
     x = torch.randn(m * 16, 64)
     pipe.step(x, x)  # warm-up (shape probe)
@@ -175,12 +249,14 @@ def job_bubble(schedule, m, virtual, t_f):
     for _ in range(2):
         pycomm.barrier(mesh.pp_group)
         measured = pipe.measured(pipe.step(x, x))
-        sim = pipeline.simulate(schedule, mesh.pp, m, virtual, t_fwd=measured.t_fwd, t_bwd=measured.t_bwd)
+        sim = pipeline.simulate(schedule, mesh.pp, m, virtual, t_fwd=measured.t_fwd, t_bwd=measured.t_bwd,
+                                t_input=measured.t_input, t_weight=measured.t_weight)
         results.append((measured.bubble_fraction, sim.bubble_fraction))
     return results
 
 
-@pytest.mark.parametrize("schedule,m,virtual", [("gpipe", 4, 1), ("1f1b", 4, 1), ("interleaved_1f1b", 4, 2)])
+@pytest.mark.parametrize("schedule,m,virtual", [("gpipe", 4, 1), ("1f1b", 4, 1), ("interleaved_1f1b", 4, 2),
+                                                ("chimera", 4, 1)])
 def test_measured_bubble_matches_simulator(run, schedule, m, virtual):
     # 0.1 s per forward: the runtime's fixed costs per action (messages, Python) stay a small
     # part of each chunk's time; at 0.05 s interleaved 1F1B's 8 half-length chunks missed
