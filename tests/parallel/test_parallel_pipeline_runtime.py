@@ -263,5 +263,6 @@ def test_measured_bubble_matches_simulator(run, schedule, m, virtual):
     # the prediction by 10-12% in about one CI run in three on 2 cores (2026-11-26).
     res = run(2, job_bubble, schedule, m, virtual, 0.1)[0]
     # Best of two steps: another process on the shared cores can only delay a message.
-    errs = [abs(meas - sim) / sim for meas, sim in res]
+    # Relative error; Chimera on 2 ranks has no bubble at all, so there it is in units of 0.1.
+    errs = [abs(meas - sim) / max(sim, 0.1) for meas, sim in res]
     assert min(errs) <= 0.10, res

@@ -370,9 +370,12 @@ def test_plot_writes_png(tmp_path):
 def test_bubble_table():
     text = parallel.pipeline.bubble_table(ps=(2, 4), ms=(2, 4), vs=(1, 2))
     lines = text.splitlines()
-    assert lines[0] == "| p | m | gpipe | 1f1b | interleaved v=2 |"
-    assert "| 2 | 4 | 0.200 / 0.250 | 0.200 / 0.250 | 0.111 / 0.125 |" in lines
-    assert "| 4 | 2 | 0.600 / 1.500 | – | – |" in lines
+    assert lines[0] == ("| p | m | gpipe | 1f1b | interleaved_1f1b v=2 | looped_bfs v=2 | zb_h1 | zb_h2 | zb_v "
+                        "| dualpipe_v | chimera | pipedream_2bw |")  # every registry entry
+    row = next(line for line in lines if line.startswith("| 2 | 4 |")).split(" | ")
+    assert row[2:5] == ["0.200 / 4", "0.200 / 2", "0.111 / 2.5"]
+    assert row[6] == "0.077 / 2"  # zb_h1: a lower bubble than 1F1B at the same memory
+    assert "| 4 | 2 | 0.600 / 2 | – |" in text
     assert any("1f1b p=4 m=2 v=1: fewer micro-batches than stages for 1F1B" in line for line in lines)
 
 

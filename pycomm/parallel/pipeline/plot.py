@@ -3,8 +3,9 @@
 Contract: both take a :class:`~.simulate.SimulationResult`.  :func:`plot_timeline` writes a PNG
 (matplotlib's object API with the Agg canvas: no pyplot, no global backend) in the style of the GPipe/Megatron lecture
 figures: one row per device (device 0 on top), one box per computation, coloured by micro-batch,
-forward light and backward dark, labelled ``F3``/``B3`` (``F3`` with chunk ``c1`` below when
-interleaved); idle time is the grey background showing between boxes.
+forward light, backward (or its input half I) full, weight half W darker and hatched, labelled
+``F3``/``B3``/``I3``/``W3`` (with the stage ``s5`` below when a device holds several); idle
+time is the grey background showing between boxes.
 :func:`format_grid` returns the same picture as text, one column per time step.
 """
 from __future__ import annotations
@@ -22,6 +23,9 @@ from matplotlib.patches import Patch, Rectangle
 from .schedules import Kind
 
 __all__ = ["plot_timeline", "format_grid"]
+
+# Per computation kind: how far its box colour is mixed towards white (1.0) or black (0.0).
+_SHADE = {Kind.F: (0.45, 1.0), Kind.B: (0.0, 0.0), Kind.I: (0.0, 0.0), Kind.W: (0.35, 0.0)}
 
 
 def _time_unit(result) -> float:
@@ -75,8 +79,9 @@ def plot_timeline(result, path, title: str | None = None):
 
     def colour(mb: int, kind: Kind):
         base = to_rgb(cmap(mb % cmap.N))
-        # Forward: base tinted towards white; backward: full colour.  Same hue = same micro-batch.
-        return tuple(0.55 * c + 0.45 for c in base) if kind is Kind.F else base
+        # Same hue = same micro-batch; the shade says the kind (_SHADE).
+        mix, towards = _SHADE[kind]
+        return tuple((1 - mix) * c + mix * towards for c in base)
 
     span = result.makespan
     fig_w = min(max(6.0, 0.35 * span / min(result.t_fwd / v, result.t_bwd / v) + 1.5), 22.0)
@@ -93,12 +98,13 @@ def plot_timeline(result, path, title: str | None = None):
                 Rectangle(
                     (t.start, r - 0.4), t.end - t.start, 0.8,
                     facecolor=face, edgecolor="black", linewidth=0.6, zorder=2,
+                    hatch="//" if a.kind is Kind.W else None,
                 )
             )
             label = f"{a.kind.value}{a.microbatch}"
             if v > 1:
-                label += f"\nc{a.stage // p}"
-            dark = a.kind is Kind.B and sum(face) < 1.6
+                label += f"\ns{a.stage}"
+            dark = sum(face) < 1.6
             size = 8 if min_box * 0.35 * (fig_w / max(span, 1e-9)) * 72 > 18 else 6
             ax.text(
                 (t.start + t.end) / 2, r, label, ha="center", va="center", fontsize=size,
@@ -116,14 +122,17 @@ def plot_timeline(result, path, title: str | None = None):
         f"of device time, overhead {result.bubble_overhead:.1%})",
         fontsize=9,
     )
+    present = sorted({t.action.kind for row in result.timeline for t in row}, key=list(Kind).index)
+    handles = [
+        Patch(facecolor=colour(0, k), edgecolor="black", hatch="//" if k is Kind.W else None,
+              label=f"{k.info.word} ({k.value})")
+        for k in present
+    ]
+    handles.append(Patch(facecolor="#e6e6e6", edgecolor="none", label="idle (bubble)"))
     ax.legend(
-        handles=[
-            Patch(facecolor=colour(0, Kind.F), edgecolor="black", label="forward (F)"),
-            Patch(facecolor=colour(0, Kind.B), edgecolor="black", label="backward (B)"),
-            Patch(facecolor="#e6e6e6", edgecolor="none", label="idle (bubble)"),
-        ],
+        handles=handles,
         loc="upper center", bbox_to_anchor=(0.5, -0.28 if p <= 2 else -0.12 - 0.3 / p),
-        ncol=3, fontsize=8, frameon=False,
+        ncol=len(handles), fontsize=8, frameon=False,
     )
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
