@@ -255,14 +255,12 @@ def job_bubble(schedule, m, virtual, t_f):
     return results
 
 
-@pytest.mark.parametrize("schedule,m,virtual", [("gpipe", 4, 1), ("1f1b", 4, 1), ("interleaved_1f1b", 4, 2),
-                                                ("chimera", 4, 1)])
+@pytest.mark.parametrize("schedule,m,virtual", [("gpipe", 4, 1), ("1f1b", 4, 1), ("interleaved_1f1b", 4, 2)])
 def test_measured_bubble_matches_simulator(run, schedule, m, virtual):
     # 0.1 s per forward: the runtime's fixed costs per action (messages, Python) stay a small
     # part of each chunk's time; at 0.05 s interleaved 1F1B's 8 half-length chunks missed
     # the prediction by 10-12% in about one CI run in three on 2 cores (2026-11-26).
     res = run(2, job_bubble, schedule, m, virtual, 0.1)[0]
     # Best of two steps: another process on the shared cores can only delay a message.
-    # Relative error; Chimera on 2 ranks has no bubble at all, so there it is in units of 0.1.
-    errs = [abs(meas - sim) / max(sim, 0.1) for meas, sim in res]
+    errs = [abs(meas - sim) / sim for meas, sim in res]
     assert min(errs) <= 0.10, res
