@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from pycomm import parallel
 from pycomm.parallel.pipeline import (
+    SCHEDULES,
     Action,
     Batch,
     Kind,
@@ -386,9 +387,6 @@ def test_simulate_custom_schedule_reports_schedule_errors():
 
 
 # ---------------------------------------------------------------- every registered schedule
-
-from pycomm.parallel.pipeline import SCHEDULES  # noqa: E402
-
 
 def _virtual(name):
     return 2 if SCHEDULES[name].chunks == "any" else 1

@@ -290,6 +290,8 @@ class Schedule:
         computation consumes."""
         info = op.kind.info
         if info.compute:
+            if info.consumes is None:
+                return None
             return self.prev_stage(op.stage) if info.consumes == "activation" else self.next_stage(op.stage)
         # SEND_F and RECV_B talk to the next stage, RECV_F and SEND_B to the previous one.
         towards_next = info.send == (info.carries == "activation")

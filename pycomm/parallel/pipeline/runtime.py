@@ -4,10 +4,14 @@ Contract
 --------
 ``Pipeline(stages, schedule, microbatches, loss_fn, group, virtual=1, checkpoint=False)`` runs on
 every rank of a pipeline group (``group.rank`` is the pipeline rank ``r``, ``group.size`` the
-number of ranks ``p``).  ``stages`` maps each model stage this rank holds (``r, r+p, ...``, see
-``stages.local_stages``) to its ``nn.Module``.  Stage 0 takes the model input, stage ``s`` the
-output of stage ``s-1``; the last stage's output goes to ``loss_fn(output, target)``, a scalar
-mean over the micro-batch.
+number of ranks ``p``); ``schedule`` is any key of ``SCHEDULES``.  ``stages`` maps each model
+stage this rank holds (``build_schedule(...).local_stages(r)``: ``r, r+p, ...`` for the loop
+placement, ``r`` and ``2p-1-r`` for V and Chimera) to its ``nn.Module``.  A chain's first stage
+takes the model input, every other stage the output of ``Schedule.prev_stage``; a chain's last
+stage's output goes to ``loss_fn(output, target)``, a scalar mean over the micro-batch.  For
+Chimera, stage ``p+s`` is a replica of stage ``s`` (same initial weights, the caller's copy);
+after the step both hold the sum of their gradients.  For PipeDream-2BW the step computes with
+the previous step's weights (see ``_use_previous_weights``).
 
 ``step(inputs, targets)`` (same tensors on every rank; only stage 0 reads ``inputs`` and the last
 stage ``targets``) splits them into ``microbatches`` equal micro-batches along dim 0, runs
@@ -19,7 +23,9 @@ mean loss (the same on every rank), this rank's measured timeline and its peak a
 Execution of the steps (the model the schedule was validated and simulated under):
 
 * ``F``/``B``: run the stage forward (keeping input, output and autograd graph) or backward;
-  neighbouring stages on one rank hand tensors over locally;
+  ``I``/``W``: the backward's input-gradient half (``autograd.grad`` on the stage input, graph
+  kept) and weight-gradient half (``backward(inputs=parameters)``, graph freed); neighbouring
+  stages on one rank hand tensors over locally;
 * a single ``SEND_F``/``SEND_B``: ``pycomm.isend``, waited for at the end of the step (the tensor
   stays referenced until then, so its buffer is never reused early): a send never holds its
   rank back, which is what the simulator assumes;
