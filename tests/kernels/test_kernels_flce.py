@@ -87,6 +87,15 @@ def test_flce_frozen_head_and_no_grad(backend):
         torch.testing.assert_close(kernels.fused_linear_cross_entropy(h, w, t), reference(h, w, t))
 
 
+def test_flce_second_backward_is_refused_not_wrong():
+    # The gradients are scaled in place in backward; a second pass must fail loudly.
+    h = torch.randn(6, 8, device=DEVICE, requires_grad=True)
+    loss = kernels.fused_linear_cross_entropy(h, torch.randn(30, 8, device=DEVICE), targets((6,), 30))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
 def test_flce_all_ignored_is_nan_like_torch():
     h, w = torch.randn(4, 8, device=DEVICE), torch.randn(20, 8, device=DEVICE)
     t = torch.full((4,), -100, device=DEVICE)
