@@ -80,6 +80,21 @@ def _cpu_correctness(args) -> int:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return out.transpose(1, 2).reshape(2, 40, 32)
 
+    # Masks and rotary tables for the Hugging Face ops: right padding on one batch row (no query
+    # row fully masked, where SDPA's answer is NaN and ours 0), a 9-key sliding window; a partial
+    # (16 of 32 dims) rotary embedding at positions 3..13.
+    kpm = torch.ones(2, 30, dtype=torch.bool)
+    kpm[1, 23:] = False
+    qi, kj = torch.arange(30)[:, None], torch.arange(30)[None, :]
+    window_mask = ((kj <= qi) & (qi - kj < 9))[None, None] & kpm[:, None, None, :]
+    emb = torch.outer(torch.arange(3, 14).double(), 1.0 / 10000 ** (torch.arange(0, 16, 2).double() / 16)).repeat(1, 2)
+    cos, sin = emb.cos().float(), emb.sin().float()
+
+    def hf_rope(x, c, s_):
+        c, s_ = c.to(x.dtype), s_.to(x.dtype)
+        xr = x[..., :16]
+        return torch.cat((xr * c + torch.cat((-xr[..., 8:], xr[..., :8]), -1) * s_, x[..., 16:]), -1)
+
     cases = [
         ("fused_add_mul", kernels.fused_add_mul, lambda a, b, c, d: d + (a + b) * c,
          [r(7, 1, 33), r(5, 33), r(33), r(7, 5, 33)]),
@@ -100,6 +115,17 @@ def _cpu_correctness(args) -> int:
          [r(1, 4, 70, 64), r(1, 2, 70, 64), r(1, 2, 70, 64)]),
         ("qkv_attention(GQA)", lambda x, w: kernels.qkv_attention(x, w, num_heads=2, num_kv_heads=1), qkv_ref,
          [r(2, 40, 32), qkv_w]),
+        ("flash_attention(pad, window)", lambda q, k, v: kernels.flash_attention(
+            q, k, v, True, key_padding_mask=kpm, sliding_window=9), lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=window_mask, enable_gqa=True), [r(2, 4, 30, 32), r(2, 2, 30, 32), r(2, 2, 30, 32)]),
+        ("rope(partial)", lambda q, k: torch.cat([o.flatten() for o in kernels.rope(q, k, cos, sin)]),
+         lambda q, k: torch.cat([hf_rope(q, cos, sin).flatten(), hf_rope(k, cos, sin).flatten()]),
+         [r(2, 4, 11, 32), r(2, 2, 11, 32)]),
+        ("fused_linear_cross_entropy", lambda h, w: kernels.fused_linear_cross_entropy(h, w, target, softcap=5.0),
+         lambda h, w: F.cross_entropy((5.0 * torch.tanh(F.linear(h, w) / 5.0)).float(), target),
+         [r(24, 32, scale=2), r(300, 32, scale=32 ** -0.5)]),
+        ("swiglu_mlp", kernels.swiglu_mlp, lambda x, a, b, c: F.linear(F.silu(F.linear(x, a)) * F.linear(x, b), c),
+         [r(37, 32), r(45, 32, scale=32 ** -0.5), r(45, 32, scale=32 ** -0.5), r(32, 45, scale=45 ** -0.5)]),
     ]
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
     start = time.perf_counter()
@@ -468,6 +494,57 @@ def _gpu_benchmark(args) -> int:
     R.add(g, "kernels", _fwd_bwd_fn(lambda: kernels.softmax_cross_entropy(logits, target), (logits,)),
           bytes_=3 * T * V * es, memory=True)
     R.print_group(g)
+    del logits
+
+    # --- LM head + loss: fused_linear_cross_entropy against lm_head + F.cross_entropy (time and peak)
+    Hd = 4096
+    hid = t(T, Hd, grad=True)
+    head = (torch.randn(V, Hd, device=dev, dtype=bf16) / math.sqrt(Hd)).requires_grad_()
+    g = f"lm_head+cross_entropy bf16 {T}x{Hd}, V={V} fwd+bwd"
+    flops = 3 * 2 * T * Hd * V
+    R.add(g, "torch eager", _fwd_bwd_fn(lambda: F.cross_entropy(F.linear(hid, head).float(), target), (hid, head)),
+          flops=flops, anchor=True, memory=True)
+    R.add(g, "kernels.fused_linear_cross_entropy",
+          _fwd_bwd_fn(lambda: kernels.fused_linear_cross_entropy(hid, head, target), (hid, head)), flops=flops,
+          memory=True)
+    R.print_group(g)
+    del hid, head
+
+    # --- rotary embedding (HF layout) and the SwiGLU MLP, fwd + bwd
+    B, S, Hq, Hk, D = 4, 4096, 32, 8, 128
+    qr, kr = t(B, Hq, S, D, grad=True), t(B, Hk, S, D, grad=True)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=dev).float() / D))
+    emb = torch.outer(torch.arange(S, device=dev).float(), inv).repeat(1, 2)
+    cos, sin = emb.cos().to(bf16)[None].expand(B, S, D), emb.sin().to(bf16)[None].expand(B, S, D)
+
+    def hf_rope():
+        def rot(x):
+            return torch.cat((-x[..., D // 2:], x[..., : D // 2]), -1)
+        c, s_ = cos[:, None], sin[:, None]
+        q2, k2 = qr * c + rot(qr) * s_, kr * c + rot(kr) * s_
+        return q2.sum() + k2.sum()
+
+    rope_bytes = 2 * (B * (Hq + Hk) * S * D) * es
+    g = f"rope bf16 B{B} S{S} H{Hq}/{Hk} D{D} fwd+bwd"
+    R.add(g, "HF apply_rotary_pos_emb", _fwd_bwd_fn(hf_rope, (qr, kr)), bytes_=3 * rope_bytes, anchor=True,
+          memory=True)
+    R.add(g, "kernels.rope", _fwd_bwd_fn(lambda: sum(o.sum() for o in kernels.rope(qr, kr, cos, sin)), (qr, kr)),
+          bytes_=3 * rope_bytes, memory=True)
+    R.print_group(g)
+    del qr, kr
+
+    E, Inter = 4096, 14336
+    xm = t(T, E, grad=True)
+    wg, wu, wd = t(Inter, E, grad=True), t(Inter, E, grad=True), t(E, Inter, grad=True)
+    gm = t(T, E)
+    g = f"swiglu_mlp bf16 {T}x{E}x{Inter} fwd+bwd"
+    flops = 3 * 2 * T * E * Inter * 3
+    R.add(g, "torch eager", _fwd_bwd_fn(lambda: F.linear(F.silu(F.linear(xm, wg)) * F.linear(xm, wu), wd),
+                                        (xm, wg, wu, wd), gm), flops=flops, anchor=True, memory=True)
+    R.add(g, "kernels.swiglu_mlp", _fwd_bwd_fn(lambda: kernels.swiglu_mlp(xm, wg, wu, wd), (xm, wg, wu, wd), gm),
+          flops=flops, memory=True)
+    R.print_group(g)
+    del xm, wg, wu, wd, gm
 
     payload = dict(mode="gpu-timings", env=_env(), copy_gbps=R.copy_bw, peak_bf16_flops=R.peak_flops, rows=R.rows)
     if args.json:

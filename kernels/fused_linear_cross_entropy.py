@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _interpreter, _utils
 from ._activations import _tanh
@@ -287,12 +288,17 @@ def _backward(ctx, g, _gdh, _gdw, _gdb):
         hidden2, weight, target1, bias = ctx.saved_tensors
         dh, dw, db = _flce_bwd_op(g, hidden2, weight, target1, bias, *ctx.args)
     else:
-        # Scaled in place: a copy would be one more (V x H) buffer at the backward's peak.  A
-        # second backward through the same graph (retain_graph=True) is refused by autograd's
-        # version check on these saved tensors instead of silently scaling twice.
+        # Eager: scaled in place, since a copy would be one more (V x H) buffer at the backward's
+        # peak; a second backward through the same graph (retain_graph=True) is then refused by
+        # autograd's version check on these saved tensors instead of silently scaling twice.
+        # Traced (torch.compile / AOTAutograd, fake tensors): out of place, because a traced
+        # graph may not mutate a forward output it also returns; the compiler plans that memory.
         dh, dw, db = ctx.saved_tensors
-        for t in (dh, dw, db):
-            t.mul_(g.to(t.dtype))
+        if is_fake(g):
+            dh, dw, db = (t * g.to(t.dtype) for t in (dh, dw, db))
+        else:
+            for t in (dh, dw, db):
+                t.mul_(g.to(t.dtype))
     return (dh if grad_hidden else None, dw if grad_weight else None, None,
             db if grad_bias and ctx.has_bias else None, None, None, None, None, None, None, None)
 
