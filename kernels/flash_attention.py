@@ -51,11 +51,33 @@ def _bwd_configs():
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w) for m, n, s, w in shapes]
 
 
+def _fwd_shared_memory(config, dtype_bytes, args):
+    # Upper bound: num_stages buffers of a K and a V tile plus the Q tile, at the padded head dim.
+    kw, d = config.kwargs, args["BLOCK_D"]
+    return (config.num_stages * 2 * kw["BLOCK_N"] + kw["BLOCK_M"]) * d * dtype_bytes
+
+
+def _dkdv_shared_memory(config, dtype_bytes, args):
+    # The K and V tiles stay; Q and dO tiles stream through num_stages buffers.
+    kw, d = config.kwargs, args["BLOCK_D"]
+    return (2 * kw["BLOCK_N"] + config.num_stages * 2 * kw["BLOCK_M"]) * d * dtype_bytes
+
+
+def _dq_shared_memory(config, dtype_bytes, args):
+    # The Q and dO tiles stay; K and V tiles stream through num_stages buffers.
+    kw, d = config.kwargs, args["BLOCK_D"]
+    return (2 * kw["BLOCK_M"] + config.num_stages * 2 * kw["BLOCK_N"]) * d * dtype_bytes
+
+
+# Sequence lengths in power-of-two buckets (a new prompt length reuses a tuned config); head dim exact.
+_BUCKETED = ["S_Q", "S_K"]
+
 # Interpreted programs cost ~1 ms each, so one big tile covers a whole short test sequence.
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})
 
 
-@_interpreter.autotune(_fwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "CAUSAL"], interpreter_config=_INTERPRETER_CONFIG)
+@_interpreter.autotune(_fwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "CAUSAL"], interpreter_config=_INTERPRETER_CONFIG,
+                       bucketed=_BUCKETED, shared_memory=_fwd_shared_memory)
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
@@ -146,7 +168,7 @@ def _attn_bwd_preprocess_kernel(
 
 
 @_interpreter.autotune(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "CAUSAL", "GROUP"],
-                       interpreter_config=_INTERPRETER_CONFIG)
+                       interpreter_config=_INTERPRETER_CONFIG, bucketed=_BUCKETED, shared_memory=_dkdv_shared_memory)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -216,7 +238,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @_interpreter.autotune(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "CAUSAL", "GROUP"],
-                       interpreter_config=_INTERPRETER_CONFIG)
+                       interpreter_config=_INTERPRETER_CONFIG, bucketed=_BUCKETED, shared_memory=_dq_shared_memory)
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
