@@ -80,7 +80,7 @@ def _mod(name):
     return importlib.import_module(f"kernels.{name}")
 
 
-def _drive(dtype, matrix):
+def _drive(dtype, matrix, arch):
     """Call every launcher once per constexpr combination of ``matrix`` with CPU tensors of ``dtype``."""
     t = lambda *shape: torch.zeros(shape, dtype=dtype)  # noqa: E731
     mm = _mod("matmul")
@@ -93,6 +93,12 @@ def _drive(dtype, matrix):
     dz = t(M, N)
     mm.mm(dz, b.t())  # da = dz @ b.T (transposed strides)
     mm.mm(a.t(), dz)  # db = a.T @ dz
+    tma = _mod("matmul_tma")
+    if arch >= 90 and tma.HAS_DESCRIPTORS:  # the Hopper variant: TMA needs sm_90
+        w = t(N, K)
+        for act, has_bias, save in matrix["epilogues"]:
+            tma.mm_tma(a, w.t(), bias if has_bias else None, act, save)
+        tma.mm_tma(a, b)
     fa = _mod("flash_attention")
     for d in matrix["head_dims"]:
         q, k, v = t(1, 4, 128, d), t(1, 2, 128, d), t(1, 2, 128, d)
@@ -187,11 +193,11 @@ def collect(arch: int, matrix: dict) -> list[Job]:
     try:
         with _tuning.target_limit(_tuning.SHARED_MEMORY_LIMIT[arch]):
             for dtype in matrix["dtypes"]:
-                _drive(dtype, matrix)
+                _drive(dtype, matrix, arch)
             if matrix["tf32"]:
                 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 with PRECISION="tf32"
                 try:
-                    _drive(torch.float32, matrix)
+                    _drive(torch.float32, matrix, arch)
                 finally:
                     torch.backends.cuda.matmul.allow_tf32 = False
     finally:
