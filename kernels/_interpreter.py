@@ -65,15 +65,15 @@ if INTERPRETING:
     _patch_bf16_rounding()
 
 
-def autotune(configs, key, interpreter_config, bucketed=(), shared_memory=None):
+def autotune(configs, key, interpreter_config, bucketed=(), shared_memory=None, keep=None):
     """``_tuning.autotune`` over ``configs`` on a GPU; over ``[interpreter_config]`` when interpreting.
 
     One config means the autotuner never benchmarks, which is what the driver-less interpreter
     needs.  The interpreter config should use large blocks: interpreted cost is per program.
-    ``bucketed`` and ``shared_memory`` are passed on (see kernels/_tuning.py).
+    ``bucketed``, ``shared_memory`` and ``keep`` are passed on (see kernels/_tuning.py).
     """
     return _tuning.autotune([interpreter_config] if INTERPRETING else configs, key, bucketed=bucketed,
-                            shared_memory=shared_memory)
+                            shared_memory=shared_memory, keep=keep)
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:

@@ -61,21 +61,26 @@ def shared_memory_limit(args: dict) -> int | None:
 Estimate = Callable[[triton.Config, int, dict], int]
 
 
-def prune_by_shared_memory(estimate: Estimate) -> Callable:
-    """An ``early_config_prune`` that keeps the configs whose ``estimate`` fits the limit.
+Keep = Callable[[triton.Config, dict], bool]
 
-    If none fits, the smallest one is kept so the error at launch names the real problem.
+
+def prune_by_shared_memory(estimate: Estimate, keep: Keep | None = None) -> Callable:
+    """An ``early_config_prune`` that keeps the configs whose ``estimate`` fits the limit and,
+    given ``keep``, that ``keep(config, args)`` accepts (a register rule, say).
+
+    If none is left, the smallest one is kept so the error at launch names the real problem.
     """
 
     def prune(configs: Sequence[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        kept = [c for c in configs if keep is None or keep(c, args)] or list(configs)
         limit = shared_memory_limit(named_args)
         if limit is None:
-            return list(configs)
+            return kept
         t = _first_tensor(named_args)
         size = t.element_size() if t is not None else 4
-        args = {**named_args, **kwargs}
-        fits = [c for c in configs if estimate(c, size, args) <= limit]
-        return fits or [min(configs, key=lambda c: estimate(c, size, args))]
+        fits = [c for c in kept if estimate(c, size, args) <= limit]
+        return fits or [min(kept, key=lambda c: estimate(c, size, args))]
 
     prune.estimate = estimate  # type: ignore[attr-defined]  # read by bench/compile_check.py
     return prune
@@ -112,9 +117,10 @@ class BucketedAutotuner(Autotuner):
         return self.fn.run(*args, **kwargs, **config.all_kwargs())
 
 
-def autotune(configs, key, bucketed: Sequence[str] = (), shared_memory: Estimate | None = None):
-    """``triton.autotune`` with bucketed keys and, given an estimate, shared-memory pruning."""
-    prune = {"early_config_prune": prune_by_shared_memory(shared_memory)} if shared_memory else None
+def autotune(configs, key, bucketed: Sequence[str] = (), shared_memory: Estimate | None = None,
+             keep: Keep | None = None):
+    """``triton.autotune`` with bucketed keys and, given an estimate, pruning (see above)."""
+    prune = {"early_config_prune": prune_by_shared_memory(shared_memory, keep)} if shared_memory else None
 
     def decorator(fn):
         return BucketedAutotuner(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=None,

@@ -69,6 +69,30 @@ def _dq_shared_memory(config, dtype_bytes, args):
     return (2 * kw["BLOCK_M"] + config.num_stages * 2 * kw["BLOCK_N"]) * d * dtype_bytes
 
 
+# Register rules, from the sm_90 float16 compile reports (bench/compile_reports): configs outside
+# them spill (8 B to 1.5 KB of spill stores).  The compile check fails if a kept one spills.
+def _fwd_fits_registers(config, args):
+    # the output accumulator: BLOCK_M x BLOCK_D fp32 over the program's threads
+    kw = config.kwargs
+    return kw["BLOCK_M"] * args["BLOCK_D"] // (32 * config.num_warps) < 128
+
+
+# dK/dV holds two BLOCK_N x BLOCK_D fp32 accumulators plus the K and V tiles, and recomputes
+# transposed score tiles: at head dim 128 only the smallest tile stays in registers.
+_DKDV_NO_SPILL = {64: {(32, 64, 3, 4), (64, 128, 2, 8), (64, 64, 2, 4), (64, 64, 3, 4)}}
+
+
+def _dkdv_fits_registers(config, args):
+    kw, d = config.kwargs, args["BLOCK_D"]
+    allowed = _DKDV_NO_SPILL.get(d, {(32, 64, 3, 4)}) if d >= 64 else None
+    return allowed is None or (kw["BLOCK_M"], kw["BLOCK_N"], config.num_stages, config.num_warps) in allowed
+
+
+def _dq_fits_registers(config, args):
+    # K and V tiles of 128 keys at head dim >= 128 spill
+    return config.kwargs["BLOCK_N"] < 128 or args["BLOCK_D"] < 128
+
+
 # Sequence lengths in power-of-two buckets (a new prompt length reuses a tuned config); head dim exact.
 _BUCKETED = ["S_Q", "S_K"]
 
@@ -77,7 +101,7 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})
 
 
 @_interpreter.autotune(_fwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "CAUSAL"], interpreter_config=_INTERPRETER_CONFIG,
-                       bucketed=_BUCKETED, shared_memory=_fwd_shared_memory)
+                       bucketed=_BUCKETED, shared_memory=_fwd_shared_memory, keep=_fwd_fits_registers)
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
@@ -168,7 +192,8 @@ def _attn_bwd_preprocess_kernel(
 
 
 @_interpreter.autotune(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "CAUSAL", "GROUP"],
-                       interpreter_config=_INTERPRETER_CONFIG, bucketed=_BUCKETED, shared_memory=_dkdv_shared_memory)
+                       interpreter_config=_INTERPRETER_CONFIG, bucketed=_BUCKETED, shared_memory=_dkdv_shared_memory,
+                       keep=_dkdv_fits_registers)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -238,7 +263,8 @@ def _attn_bwd_dkdv_kernel(
 
 
 @_interpreter.autotune(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "CAUSAL", "GROUP"],
-                       interpreter_config=_INTERPRETER_CONFIG, bucketed=_BUCKETED, shared_memory=_dq_shared_memory)
+                       interpreter_config=_INTERPRETER_CONFIG, bucketed=_BUCKETED, shared_memory=_dq_shared_memory,
+                       keep=_dq_fits_registers)
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
