@@ -73,6 +73,12 @@ FULL = dict(dtypes=(torch.float16, torch.bfloat16, torch.float32), tf32=True,
             head_dims=(64, 80, 128, 256), causal=(False, True))
 CI = dict(FULL, dtypes=(torch.float16,), tf32=False, epilogues=[("none", False, False), ("gelu", True, True)],
           head_dims=(64, 128), causal=(True,))
+# 16-bit spills accepted, each with why: (kernel, start of the config's text, arch) -> reason.
+EXPLAINED_SPILLS = {
+    ("_matmul_kernel", "BLOCK_M: 64, BLOCK_N: 32, BLOCK_K: 32, GROUP_M: 8, num_warps: 2", 90):
+        "4 bytes (one register) when B is read K-major (dz @ w in the backward), at 96 registers: ptxas's "
+        "choice in a 2-warp tile, not register pressure; the same tile with B row-major does not spill",
+}
 ROW_WIDTHS = (1024, 8192, 65536)  # row kernels: the three num_warps regimes of row_settings
 VOCABS = (32000, 50257)
 
@@ -248,7 +254,9 @@ def findings(jobs: list[Job], cache: dict) -> list[str]:
             bad.append(f"shared memory {r['shared']} B > {limit} B: {where}")
         if job.estimate is not None and r["shared"] > job.estimate:
             bad.append(f"shared memory {r['shared']} B > pruning estimate {job.estimate} B: {where}")
-        if job.sixteen_bit and r["spill"]:
+        explained = any(job.kernel == k and job.config.startswith(c) and job.arch == a
+                        for k, c, a in EXPLAINED_SPILLS)
+        if job.sixteen_bit and r["spill"] and not (explained and r["spill"] <= 16):
             bad.append(f"{r['spill']} B register spill in a 16-bit config: {where}")
     return bad
 
