@@ -58,9 +58,9 @@ def _fwd_shared_memory(config, dtype_bytes, args):
 
 
 def _dkdv_shared_memory(config, dtype_bytes, args):
-    # The K and V tiles stay; Q and dO tiles stream through num_stages buffers.
-    kw, d = config.kwargs, args["BLOCK_D"]
-    return (2 * kw["BLOCK_N"] + config.num_stages * 2 * kw["BLOCK_M"]) * d * dtype_bytes
+    # The K and V tiles stay; Q and dO tiles (and fp32 lse, delta) stream through num_stages buffers.
+    kw, d, s = config.kwargs, args["BLOCK_D"], config.num_stages
+    return (2 * kw["BLOCK_N"] + s * 2 * kw["BLOCK_M"]) * d * dtype_bytes + s * 2 * kw["BLOCK_M"] * 4 + 1024
 
 
 def _dq_shared_memory(config, dtype_bytes, args):
