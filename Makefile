@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 # operations and the other scenarios' trials; by hand, it takes minutes.
 SOAK ?= 10
 
-.PHONY: test lint test-torch-suite bench soak install clean gpu-check
+.PHONY: test lint test-torch-suite bench soak install clean gpu-check compile-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,15 @@ test-torch-suite: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench kernels
+
+# Every Triton kernel config compiled for sm_90 and sm_80 without a GPU (bench/compile_check.py):
+# compiles what bench/compile_reports/triton-<version>.json lacks and rewrites it (commit it).
+# `make test` checks the committed reports are current.  COMPILE_CHECK_ARGS=--full: every
+# dtype and constexpr combination (hours on 2 cores).  Another Triton: COMPILE_PY=/its/python.
+COMPILE_PY ?= $(PY)
+COMPILE_CHECK_ARGS ?=
+compile-check: $(if $(filter $(PY),$(COMPILE_PY)),$(STAMP))
+	env -u TRITON_INTERPRET $(COMPILE_PY) -m bench.compile_check --update $(COMPILE_CHECK_ARGS)
 
 # On a GPU machine (its own python with torch, triton and nvcc): build, GPU tests, GPU benchmarks.
 # STEP=build|test|bench|all; logs go to $$OUT or gpu-results/.

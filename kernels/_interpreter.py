@@ -28,7 +28,8 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
+
+from . import _tuning
 
 INTERPRETING: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -64,15 +65,15 @@ if INTERPRETING:
     _patch_bf16_rounding()
 
 
-def autotune(configs, key, interpreter_config):
-    """``triton.autotune`` over ``configs`` on a GPU; over ``[interpreter_config]`` when interpreting.
+def autotune(configs, key, interpreter_config, bucketed=(), shared_memory=None, keep=None):
+    """``_tuning.autotune`` over ``configs`` on a GPU; over ``[interpreter_config]`` when interpreting.
 
     One config means the autotuner never benchmarks, which is what the driver-less interpreter
     needs.  The interpreter config should use large blocks: interpreted cost is per program.
+    ``bucketed``, ``shared_memory`` and ``keep`` are passed on (see kernels/_tuning.py).
     """
-    if INTERPRETING:
-        return triton.autotune(configs=[interpreter_config], key=key)
-    return triton.autotune(configs=configs, key=key)
+    return _tuning.autotune([interpreter_config] if INTERPRETING else configs, key, bucketed=bucketed,
+                            shared_memory=shared_memory, keep=keep)
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:

@@ -52,6 +52,51 @@ def _bwd_configs():
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w) for m, n, s, w in shapes]
 
 
+def _fwd_shared_memory(config, dtype_bytes, args):
+    # Upper bound: num_stages buffers of a K and a V tile plus the Q tile, at the padded head dim.
+    kw, d = config.kwargs, args["BLOCK_D"]
+    return (config.num_stages * 2 * kw["BLOCK_N"] + kw["BLOCK_M"]) * d * dtype_bytes
+
+
+def _dkdv_shared_memory(config, dtype_bytes, args):
+    # The K and V tiles stay; Q and dO tiles (and fp32 lse, delta) stream through num_stages buffers.
+    kw, d, s = config.kwargs, args["BLOCK_D"], config.num_stages
+    return (2 * kw["BLOCK_N"] + s * 2 * kw["BLOCK_M"]) * d * dtype_bytes + s * 2 * kw["BLOCK_M"] * 4 + 1024
+
+
+def _dq_shared_memory(config, dtype_bytes, args):
+    # The Q and dO tiles stay; K and V tiles stream through num_stages buffers.
+    kw, d = config.kwargs, args["BLOCK_D"]
+    return (2 * kw["BLOCK_M"] + config.num_stages * 2 * kw["BLOCK_N"]) * d * dtype_bytes
+
+
+# Register rules, from the sm_90 float16 compile reports (bench/compile_reports): configs outside
+# them spill (8 B to 1.5 KB of spill stores).  The compile check fails if a kept one spills.
+def _fwd_fits_registers(config, args):
+    # the output accumulator: BLOCK_M x BLOCK_D fp32 over the program's threads
+    kw = config.kwargs
+    return kw["BLOCK_M"] * args["BLOCK_D"] // (32 * config.num_warps) < 128
+
+
+# dK/dV holds two BLOCK_N x BLOCK_D fp32 accumulators plus the K and V tiles, and recomputes
+# transposed score tiles: at head dim 128 only the smallest tile stays in registers.
+_DKDV_NO_SPILL = {64: {(32, 64, 3, 4), (64, 128, 2, 8), (64, 64, 2, 4), (64, 64, 3, 4)}}
+
+
+def _dkdv_fits_registers(config, args):
+    kw, d = config.kwargs, args["BLOCK_D"]
+    allowed = _DKDV_NO_SPILL.get(d, {(32, 64, 3, 4)}) if d >= 64 else None
+    return allowed is None or (kw["BLOCK_M"], kw["BLOCK_N"], config.num_stages, config.num_warps) in allowed
+
+
+def _dq_fits_registers(config, args):
+    # K and V tiles of 128 keys at head dim >= 128 spill
+    return config.kwargs["BLOCK_N"] < 128 or args["BLOCK_D"] < 128
+
+
+# Sequence lengths in power-of-two buckets (a new prompt length reuses a tuned config); head dim exact.
+_BUCKETED = ["S_Q", "S_K"]
+
 # Interpreted programs cost ~1 ms each, so one big tile covers a whole short test sequence.
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})
 
@@ -139,7 +184,8 @@ def _query_range(start_n, seq_q, offset, window, BLOCK_M: tl.constexpr, BLOCK_N:
     return lo, hi
 
 
-@_interpreter.autotune(_fwd_configs(), key=_KEY_FWD, interpreter_config=_INTERPRETER_CONFIG)
+@_interpreter.autotune(_fwd_configs(), key=_KEY_FWD, interpreter_config=_INTERPRETER_CONFIG,
+                       bucketed=_BUCKETED, shared_memory=_fwd_shared_memory, keep=_fwd_fits_registers)
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
@@ -234,7 +280,9 @@ def _attn_bwd_preprocess_kernel(
     tl.store(delta_ptr + bh * S_Q + offs_m, delta, mask=offs_m < S_Q)
 
 
-@_interpreter.autotune(_bwd_configs(), key=_KEY_BWD, interpreter_config=_INTERPRETER_CONFIG)
+@_interpreter.autotune(_bwd_configs(), key=_KEY_BWD,
+                       interpreter_config=_INTERPRETER_CONFIG, bucketed=_BUCKETED, shared_memory=_dkdv_shared_memory,
+                       keep=_dkdv_fits_registers)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
@@ -312,7 +360,9 @@ def _attn_bwd_dkdv_kernel(
              mask=kv_mask)
 
 
-@_interpreter.autotune(_bwd_configs(), key=_KEY_BWD, interpreter_config=_INTERPRETER_CONFIG)
+@_interpreter.autotune(_bwd_configs(), key=_KEY_BWD,
+                       interpreter_config=_INTERPRETER_CONFIG, bucketed=_BUCKETED, shared_memory=_dq_shared_memory,
+                       keep=_dq_fits_registers)
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,

@@ -41,9 +41,30 @@ def _configs():
     ]
 
 
+def _shared_memory(config, dtype_bytes, args):
+    # Upper bound: num_stages buffers of the A and B tiles (the software pipeline), or the fp32
+    # accumulator tile when the epilogue converts its layout through shared memory, whichever is
+    # larger (the two are not live at once).  bench/compile_check.py checks it against the compiler.
+    kw = config.kwargs
+    tiles = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * dtype_bytes
+    return max(config.num_stages * tiles, kw["BLOCK_M"] * kw["BLOCK_N"] * 4)
+
+
+def _fits_registers(config, args):
+    # A fused activation epilogue on a tile of 128 fp32 accumulators per thread spills on sm_90
+    # (255 registers and 184-304 bytes of spill stores in bench/compile_reports): leave those
+    # tiles to the plain matmul, where they fit.
+    kw = config.kwargs
+    per_thread = kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * config.num_warps)
+    return args.get("ACTIVATION", "none") == "none" or per_thread < 128
+
+
 @_interpreter.autotune(
     configs=_configs(),
-    key=["M", "N", "K", "ACTIVATION", "HAS_BIAS"],
+    # M (tokens: batch x sequence) in power-of-two buckets so a new prompt length or batch size
+    # reuses a tuned config; N and K (weight shapes) exact.
+    key=["M", "N", "K", "ACTIVATION", "HAS_BIAS"], bucketed=["M"], shared_memory=_shared_memory,
+    keep=_fits_registers,
     # Big tiles in the interpreter: it pays per program, and numpy does the tile dot quickly.
     interpreter_config=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}),
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 
 from pycomm.errors import CommError
 
@@ -24,7 +25,8 @@ _SIGNATURES = {
     "pycomm_cuda_device_count": [ctypes.POINTER(_I)],
     "pycomm_cuda_reduce": [_P, _P, _P, _S, _I, _I, _P],
     "pycomm_nccl_unique_id": [ctypes.c_char_p],
-    "pycomm_nccl_init": [ctypes.POINTER(_P), _I, _I, _I, ctypes.c_char_p, _S],
+    "pycomm_nccl_init": [ctypes.POINTER(_P), _I, _I, _I, ctypes.c_char_p, _S, ctypes.c_double],
+    "pycomm_nccl_ready": [_P, ctypes.POINTER(_I)],
     "pycomm_nccl_destroy": [_P],
     "pycomm_nccl_abort": [_P],
     "pycomm_nccl_scratch_bytes": [_P, _I, _I, _S, _I, _I, ctypes.POINTER(_S)],
@@ -115,9 +117,19 @@ class NcclComm:
         _call("pycomm_nccl_unique_id", buf)
         return buf.raw
 
-    def __init__(self, device: int, rank: int, size: int, uid: bytes, piece_bytes: int):
+    def __init__(self, device: int, rank: int, size: int, uid: bytes, piece_bytes: int, timeout: float = 0.0):
+        """Returns before the peers are connected: poll ready().  ``timeout`` (seconds, 0: none)
+        bounds each later call's wait for NCCL to connect to the peers."""
         self._h = _P()
-        _call("pycomm_nccl_init", ctypes.byref(self._h), device, rank, size, uid, piece_bytes)
+        # abort() (the watchdog's thread) and close() (the caller's) must not both free the handle
+        self._lock = threading.Lock()
+        _call("pycomm_nccl_init", ctypes.byref(self._h), device, rank, size, uid, piece_bytes, timeout)
+
+    def ready(self) -> bool:
+        """True once NCCL's initialisation finished; raises if it failed."""
+        done = _I()
+        _call("pycomm_nccl_ready", self._h, ctypes.byref(done))
+        return bool(done.value)
 
     def scratch_bytes(self, coll: int, algo: int, count: int, dtype: int, root: int) -> int:
         n = _S()
@@ -143,12 +155,14 @@ class NcclComm:
         _call("pycomm_nccl_p2p", self._h, n, is_send, bufs, nbytes, peers, stream)
 
     def abort(self) -> None:
-        if self._h:
-            _call("pycomm_nccl_abort", self._h)
+        with self._lock:
+            if self._h:
+                _call("pycomm_nccl_abort", self._h)
 
     def close(self) -> None:
-        if self._h:
+        with self._lock:
             h, self._h = self._h, _P()
+        if h:
             _call("pycomm_nccl_destroy", h)
 
 

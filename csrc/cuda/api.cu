@@ -37,6 +37,12 @@ int guarded(F&& body) {
 
 cudaStream_t asStream(void* s) { return static_cast<cudaStream_t>(s); }
 
+template <typename T>
+T* handle(void* h, const char* what) {
+  if (!h) fail(std::string(what) + " called with a null handle (already closed?)");
+  return static_cast<T*>(h);
+}
+
 DType asDType(int d) {
   if (d < 0 || d >= kNumDTypes) fail("unknown dtype code " + std::to_string(d));
   return DType(d);
@@ -85,26 +91,30 @@ int pycomm_nccl_unique_id(char id[PYCOMM_NCCL_ID_BYTES]) {
 }
 
 int pycomm_nccl_init(void** comm, int device, int rank, int size, const char id[PYCOMM_NCCL_ID_BYTES],
-                     size_t piece_bytes) {
+                     size_t piece_bytes, double timeout_s) {
   return guarded([&] {
     ncclUniqueId u;
     std::memcpy(&u, id, sizeof u);
-    *comm = new NcclComm(device, rank, size, u, piece_bytes);
+    *comm = new NcclComm(device, rank, size, u, piece_bytes, timeout_s);
   });
 }
 
+int pycomm_nccl_ready(void* comm, int* ready) {
+  return guarded([&] { *ready = handle<NcclComm>(comm, "pycomm_nccl_ready")->ready() ? 1 : 0; });
+}
+
 int pycomm_nccl_destroy(void* comm) {
-  return guarded([&] { delete static_cast<NcclComm*>(comm); });
+  return guarded([&] { delete handle<NcclComm>(comm, "pycomm_nccl_destroy"); });
 }
 
 int pycomm_nccl_abort(void* comm) {
-  return guarded([&] { static_cast<NcclComm*>(comm)->abort(); });
+  return guarded([&] { handle<NcclComm>(comm, "pycomm_nccl_abort")->abort(); });
 }
 
 int pycomm_nccl_scratch_bytes(void* comm, int coll, int algo, size_t count, int dtype, int root,
                               size_t* bytes) {
   return guarded([&] {
-    *bytes = static_cast<NcclComm*>(comm)->scratchBytes(Coll(coll), Algo(algo), count,
+    *bytes = handle<NcclComm>(comm, "pycomm_nccl_scratch_bytes")->scratchBytes(Coll(coll), Algo(algo), count,
                                                         asDType(dtype), root);
   });
 }
@@ -113,7 +123,7 @@ int pycomm_nccl_run(void* comm, int coll, int algo, void* out, const void* in, v
                     size_t count, int dtype, int op, int root, void* stream) {
   return guarded([&] {
     RedOp r = collective(Coll(coll)).reduces ? asOp(op) : RedOp::None;
-    static_cast<NcclComm*>(comm)->run(Coll(coll), Algo(algo), out, in, scratch, count,
+    handle<NcclComm>(comm, "pycomm_nccl_run")->run(Coll(coll), Algo(algo), out, in, scratch, count,
                                       asDType(dtype), r, root, asStream(stream));
   });
 }
@@ -121,14 +131,14 @@ int pycomm_nccl_run(void* comm, int coll, int algo, void* out, const void* in, v
 int pycomm_nccl_all_to_all(void* comm, void* out, const void* in, const size_t* send_bytes,
                            const size_t* recv_bytes, void* stream) {
   return guarded([&] {
-    static_cast<NcclComm*>(comm)->allToAll(out, in, send_bytes, recv_bytes, asStream(stream));
+    handle<NcclComm>(comm, "pycomm_nccl_all_to_all")->allToAll(out, in, send_bytes, recv_bytes, asStream(stream));
   });
 }
 
 int pycomm_nccl_p2p(void* comm, int n, const int* is_send, void* const* bufs, const size_t* bytes,
                     const int* peers, void* stream) {
   return guarded([&] {
-    static_cast<NcclComm*>(comm)->p2p(n, is_send, bufs, bytes, peers, asStream(stream));
+    handle<NcclComm>(comm, "pycomm_nccl_p2p")->p2p(n, is_send, bufs, bytes, peers, asStream(stream));
   });
 }
 
@@ -146,29 +156,29 @@ int pycomm_ipc_open(void* ipc, int rank, int size, const char* handles) {
   return guarded([&] {
     std::vector<cudaIpcMemHandle_t> hs(size);
     std::memcpy(hs.data(), handles, size * sizeof(cudaIpcMemHandle_t));
-    static_cast<IpcBuffers*>(ipc)->open(rank, size, hs.data());
+    handle<IpcBuffers>(ipc, "pycomm_ipc")->open(rank, size, hs.data());
   });
 }
 
 int pycomm_ipc_destroy(void* ipc) {
-  return guarded([&] { delete static_cast<IpcBuffers*>(ipc); });
+  return guarded([&] { delete handle<IpcBuffers>(ipc, "pycomm_ipc_destroy"); });
 }
 
 int pycomm_ipc_pointer(void* ipc, void** mine) {
-  return guarded([&] { *mine = static_cast<IpcBuffers*>(ipc)->mine(); });
+  return guarded([&] { *mine = handle<IpcBuffers>(ipc, "pycomm_ipc")->mine(); });
 }
 
 int pycomm_ipc_put(void* ipc, size_t offset, const void* src, size_t bytes, void* stream) {
-  return guarded([&] { static_cast<IpcBuffers*>(ipc)->put(offset, src, bytes, asStream(stream)); });
+  return guarded([&] { handle<IpcBuffers>(ipc, "pycomm_ipc")->put(offset, src, bytes, asStream(stream)); });
 }
 
 int pycomm_ipc_get(void* ipc, int peer, void* dst, size_t offset, size_t bytes, void* stream) {
-  return guarded([&] { static_cast<IpcBuffers*>(ipc)->get(peer, dst, offset, bytes, asStream(stream)); });
+  return guarded([&] { handle<IpcBuffers>(ipc, "pycomm_ipc")->get(peer, dst, offset, bytes, asStream(stream)); });
 }
 
 int pycomm_ipc_reduce(void* ipc, void* out, size_t offset, size_t count, int dtype, int op, void* stream) {
   return guarded([&] {
-    static_cast<IpcBuffers*>(ipc)->reduce(out, offset, count, asDType(dtype), asOp(op), asStream(stream));
+    handle<IpcBuffers>(ipc, "pycomm_ipc")->reduce(out, offset, count, asDType(dtype), asOp(op), asStream(stream));
   });
 }
 

@@ -14,13 +14,13 @@
 namespace pycomm::cuda {
 
 IpcBuffers::IpcBuffers(int device, size_t capacity) : device_(device), capacity_(capacity) {
-  useDevice(device_);
+  DeviceGuard dev(device_);
   PYCOMM_CUDA_CHECK(cudaMalloc(&mine_, capacity_));
   PYCOMM_CUDA_CHECK(cudaIpcGetMemHandle(&handle_, mine_));
 }
 
 IpcBuffers::~IpcBuffers() {
-  cudaSetDevice(device_);
+  DeviceGuard dev(device_, /*quiet=*/true);
   for (int r = 0; r < int(peers_.size()); ++r)
     if (r != rank_ && peers_[r]) cudaIpcCloseMemHandle(peers_[r]);
   if (mine_) cudaFree(mine_);
@@ -30,7 +30,7 @@ void IpcBuffers::open(int rank, int size, const cudaIpcMemHandle_t* handles) {
   if (size > kMaxSources)
     fail("CUDA IPC collectives take at most " + std::to_string(kMaxSources) + " ranks, not " +
          std::to_string(size));
-  useDevice(device_);
+  DeviceGuard dev(device_);
   rank_ = rank;
   peers_.assign(size, nullptr);
   for (int r = 0; r < size; ++r) {
@@ -53,21 +53,21 @@ void IpcBuffers::checkRange(size_t offset, size_t bytes) const {
 
 void IpcBuffers::put(size_t offset, const void* src, size_t bytes, cudaStream_t stream) {
   checkRange(offset, bytes);
-  useDevice(device_);
+  DeviceGuard dev(device_);
   PYCOMM_CUDA_CHECK(cudaMemcpyAsync(mine_ + offset, src, bytes, cudaMemcpyDeviceToDevice, stream));
 }
 
 void IpcBuffers::get(int peer, void* dst, size_t offset, size_t bytes, cudaStream_t stream) {
   checkRange(offset, bytes);
   if (peer < 0 || peer >= int(peers_.size())) fail("no rank " + std::to_string(peer));
-  useDevice(device_);
+  DeviceGuard dev(device_);
   PYCOMM_CUDA_CHECK(cudaMemcpyAsync(dst, peers_[peer] + offset, bytes, cudaMemcpyDefault, stream));
 }
 
 void IpcBuffers::reduce(void* out, size_t offset, size_t count, DType dtype, RedOp op,
                         cudaStream_t stream) {
   checkRange(offset, count * dtypeSize(dtype));
-  useDevice(device_);
+  DeviceGuard dev(device_);
   std::vector<const void*> srcs(peers_.size());
   for (size_t r = 0; r < peers_.size(); ++r) srcs[r] = peers_[r] + offset;
   cuda::reduce(out, srcs.data(), int(srcs.size()), count, dtype, op, stream);

@@ -8,7 +8,9 @@
 // and our reduction kernel combines it after the group, in stream order.
 #include "cuda/nccl.cuh"
 
+#include <chrono>
 #include <string>
+#include <thread>
 
 #include "cuda/check.h"
 #include "cuda/reduce.cuh"
@@ -29,28 +31,90 @@ size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 }  // namespace
 
-NcclComm::NcclComm(int device, int rank, int size, const ncclUniqueId& id, size_t pieceBytes)
-    : device_(device), rank_(rank), size_(size), pieceBytes_(pieceBytes) {
+// Closes a group on every path out of the scope that opened it: an exception between
+// ncclGroupStart and ncclGroupEnd would otherwise leave this thread's group depth raised,
+// and every later NCCL call on the thread would silently join the broken group.
+class GroupGuard {
+ public:
+  explicit GroupGuard(ncclComm_t comm) { check(ncclGroupStart(), "ncclGroupStart", comm); }
+  ~GroupGuard() {
+    if (open_) ncclGroupEnd();
+  }
+  ncclResult_t end() {
+    open_ = false;
+    return ncclGroupEnd();
+  }
+  GroupGuard(const GroupGuard&) = delete;
+  GroupGuard& operator=(const GroupGuard&) = delete;
+
+ private:
+  bool open_ = true;
+};
+
+NcclComm::NcclComm(int device, int rank, int size, const ncclUniqueId& id, size_t pieceBytes,
+                   double timeoutSeconds)
+    : device_(device), rank_(rank), size_(size), timeoutSeconds_(timeoutSeconds), pieceBytes_(pieceBytes) {
   if (pieceBytes_ == 0 || pieceBytes_ % 16 != 0)
     fail("NCCL piece size must be a positive multiple of 16 bytes, not " + std::to_string(pieceBytes));
-  useDevice(device_);
-  check(ncclCommInitRank(&comm_, size, id, rank), "ncclCommInitRank", nullptr);
+  DeviceGuard dev(device_);
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  check(ncclCommInitRankConfig(&comm_, size, id, rank, &config), "ncclCommInitRankConfig", nullptr);
 }
 
 NcclComm::~NcclComm() {
+  std::lock_guard<std::mutex> lock(mu_);
   if (comm_) {
-    cudaSetDevice(device_);
+    DeviceGuard dev(device_, /*quiet=*/true);
     ncclCommDestroy(comm_);
+    comm_ = nullptr;
   }
 }
 
 void NcclComm::abort() {
+  aborting_ = true;  // a settle() loop holding mu_ sees this and returns
+  std::lock_guard<std::mutex> lock(mu_);
   if (comm_) {
-    cudaSetDevice(device_);
+    DeviceGuard dev(device_);
     ncclCommAbort(comm_);
     comm_ = nullptr;
   }
 }
+
+void NcclComm::requireLive() const {
+  if (!comm_ || aborting_) fail("this NCCL communicator was aborted; create a new process group");
+}
+
+bool NcclComm::ready() {
+  std::lock_guard<std::mutex> lock(mu_);
+  requireLive();
+  ncclResult_t state = ncclSuccess;
+  check(ncclCommGetAsyncError(comm_, &state), "ncclCommGetAsyncError", comm_);
+  if (state == ncclInProgress) return false;
+  check(state, "NCCL initialisation", comm_);
+  return true;
+}
+
+void NcclComm::settle(const char* what) {
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    if (aborting_) fail(std::string(what) + ": the NCCL communicator was aborted");
+    ncclResult_t state = ncclSuccess;
+    check(ncclCommGetAsyncError(comm_, &state), "ncclCommGetAsyncError", comm_);
+    if (state != ncclInProgress) {
+      check(state, what, comm_);
+      return;
+    }
+    const double waited =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (timeoutSeconds_ > 0 && waited > timeoutSeconds_)
+      fail(std::string(what) + ": NCCL did not finish connecting to the peers within " +
+           std::to_string(timeoutSeconds_) + " s (a peer is dead or has not made this call)");
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+void NcclComm::endGroup() { settle("ncclGroupEnd"); }
 
 namespace {
 // Rounds replay every rank's plan built from this rank's arguments (rounds.h), which
@@ -85,8 +149,9 @@ void NcclComm::run(Coll coll, Algo algo, void* out, const void* in, void* scratc
                    DType dtype, RedOp op, int root, cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(mu_);
   refuseAllToAll(coll);
-  if (!comm_) fail("this NCCL communicator was aborted; create a new process group");
-  useDevice(device_);
+  requireLive();
+  settle("NCCL initialisation");
+  DeviceGuard dev(device_);
   const size_t es = dtypeSize(dtype);
   CollArgs a{coll, algo, size_, static_cast<char*>(out), static_cast<const char*>(in),
              static_cast<char*>(scratch), count, es, root};
@@ -98,7 +163,7 @@ void NcclComm::run(Coll coll, Algo algo, void* out, const void* in, void* scratc
   for (const LocalCopy& c : plan.copies())
     PYCOMM_CUDA_CHECK(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream));
   for (const auto& round : rs.rounds) {
-    check(ncclGroupStart(), "ncclGroupStart", comm_);
+    GroupGuard group(comm_);
     for (const RoundOp& o : round) {
       const Task& t = plan.tasks()[o.task];
       if (t.kind == Task::Send)
@@ -108,7 +173,8 @@ void NcclComm::run(Coll coll, Algo algo, void* out, const void* in, void* scratc
                        o.bytes, ncclUint8, t.peer, comm_, stream),
               "ncclRecv", comm_);
     }
-    check(ncclGroupEnd(), "ncclGroupEnd", comm_);
+    check(group.end(), "ncclGroupEnd", comm_);
+    endGroup();
     for (const RoundOp& o : round) {
       const Task& t = plan.tasks()[o.task];
       if (t.kind != Task::RecvReduce) continue;
@@ -123,23 +189,26 @@ void NcclComm::run(Coll coll, Algo algo, void* out, const void* in, void* scratc
 void NcclComm::p2p(int n, const int* isSend, void* const* bufs, const size_t* bytes, const int* peers,
                    cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (!comm_) fail("this NCCL communicator was aborted; create a new process group");
-  useDevice(device_);
-  check(ncclGroupStart(), "ncclGroupStart", comm_);
+  requireLive();
+  settle("NCCL initialisation");
+  DeviceGuard dev(device_);
+  GroupGuard group(comm_);
   for (int i = 0; i < n; ++i) {
     if (isSend[i])
       check(ncclSend(bufs[i], bytes[i], ncclUint8, peers[i], comm_, stream), "ncclSend", comm_);
     else
       check(ncclRecv(bufs[i], bytes[i], ncclUint8, peers[i], comm_, stream), "ncclRecv", comm_);
   }
-  check(ncclGroupEnd(), "ncclGroupEnd", comm_);
+  check(group.end(), "ncclGroupEnd", comm_);
+  endGroup();
 }
 
 void NcclComm::allToAll(void* out, const void* in, const size_t* sendBytes,
                         const size_t* recvBytes, cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (!comm_) fail("this NCCL communicator was aborted; create a new process group");
-  useDevice(device_);
+  requireLive();
+  settle("NCCL initialisation");
+  DeviceGuard dev(device_);
   // The pairwise plan with one-byte elements: counts are bytes.  It skips empty blocks on
   // both sides and makes the own block a local copy.
   CollArgs a{Coll::AllToAll, Algo::Pairwise, size_, static_cast<char*>(out),
@@ -150,14 +219,15 @@ void NcclComm::allToAll(void* out, const void* in, const size_t* sendBytes,
     PYCOMM_CUDA_CHECK(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream));
   // One group: NCCL progresses all of a group's messages together, so the order of peers
   // cannot deadlock (it follows the plan: rank+s, rank-s at step s).
-  check(ncclGroupStart(), "ncclGroupStart", comm_);
+  GroupGuard group(comm_);
   for (const Task& t : plan.tasks()) {
     if (t.kind == Task::Send)
       check(ncclSend(t.src, t.bytes, ncclUint8, t.peer, comm_, stream), "ncclSend", comm_);
     else
       check(ncclRecv(t.dst, t.bytes, ncclUint8, t.peer, comm_, stream), "ncclRecv", comm_);
   }
-  check(ncclGroupEnd(), "ncclGroupEnd", comm_);
+  check(group.end(), "ncclGroupEnd", comm_);
+  endGroup();
 }
 
 }  // namespace pycomm::cuda

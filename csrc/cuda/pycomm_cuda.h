@@ -42,10 +42,16 @@ PYCOMM_API int pycomm_cuda_reduce(void* dst, const void* a, const void* b, size_
 /* NCCL point-to-point transport: pycomm's ring and tree plans, cut into rounds
  * (csrc/algorithms/rounds.h), each round one ncclGroupStart/End of ncclSend/ncclRecv. */
 PYCOMM_API int pycomm_nccl_unique_id(char id[PYCOMM_NCCL_ID_BYTES]);
+/* Non-blocking: returns at once; poll pycomm_nccl_ready until *ready is 1 (the peers are
+ * connected).  Later calls wait for NCCL to take each group for at most timeout_s seconds
+ * (0: no limit), then fail instead of hanging on a dead peer. */
 PYCOMM_API int pycomm_nccl_init(void** comm, int device, int rank, int size,
-                                const char id[PYCOMM_NCCL_ID_BYTES], size_t piece_bytes);
+                                const char id[PYCOMM_NCCL_ID_BYTES], size_t piece_bytes,
+                                double timeout_s);
+PYCOMM_API int pycomm_nccl_ready(void* comm, int* ready);
 PYCOMM_API int pycomm_nccl_destroy(void* comm);
-/* Stops every operation in flight (a peer died or timed out); the comm is unusable after. */
+/* Stops every operation in flight (a peer died or timed out); the comm is unusable after.
+ * Safe from another thread while a call on the comm is waiting, and more than once. */
 PYCOMM_API int pycomm_nccl_abort(void* comm);
 /* Bytes of device scratch pycomm_nccl_run needs for this call. */
 PYCOMM_API int pycomm_nccl_scratch_bytes(void* comm, int coll, int algo, size_t count, int dtype,

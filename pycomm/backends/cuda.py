@@ -57,9 +57,23 @@ def choose_transport(setting: str, one_host: bool, size: int, algorithm: str = "
     return "nccl"
 
 
-def _chunks(count: int, parts: int):
-    base, rem = divmod(count, parts)
-    offs = [i * base + min(i, rem) for i in range(parts + 1)]
+def ipc_reachable(devices: list[int], can_access: Callable[[int, int], bool]) -> bool:
+    """Whether every rank can map every other rank's buffer: ranks on one GPU always can,
+    ranks on two GPUs only with peer access between them (``can_access(a, b)``, e.g.
+    torch.cuda.can_device_access_peer).  Every rank computes the same answer from the same
+    device list, so they all pick the same transport."""
+    pairs = {(a, b) for a in devices for b in devices if a != b}
+    return all(can_access(a, b) for a, b in sorted(pairs))
+
+
+def _chunks(count: int, parts: int, element_size: int = 1):
+    """``parts`` consecutive (start, end) element ranges covering ``count`` elements, each
+    starting on a 16-byte boundary (relative to the buffer) so the copies and the reduction
+    kernel's vector loads stay 16-byte wide; the last range takes the remainder."""
+    unit = max(1, 16 // element_size) if 16 % element_size == 0 else 1
+    units = -(-count // unit)
+    base, rem = divmod(units, parts)
+    offs = [min(count, (i * base + min(i, rem)) * unit) for i in range(parts + 1)]
     return [(offs[i], offs[i + 1]) for i in range(parts)]
 
 
@@ -96,10 +110,10 @@ def ipc_all_reduce(ph: Phases, buf, t: torch.Tensor, op: int, stream: int, onesh
         if oneshot:
             buf.reduce(ptr, 0, n, dt, op, stream)
         else:
-            a, b = _chunks(n, ph.size)[ph.rank]
+            a, b = _chunks(n, ph.size, es)[ph.rank]
             buf.reduce(buf.pointer + region + a * es, a * es, b - a, dt, op, stream)
             ph.step()  # every slice is reduced
-            for r, (a, b) in enumerate(_chunks(n, ph.size)):
+            for r, (a, b) in enumerate(_chunks(n, ph.size, es)):
                 buf.get(r, ptr + a * es, region + a * es, (b - a) * es, stream)
         ph.step()  # nobody reads the buffers any more: the next chunk may overwrite them
 
@@ -292,6 +306,7 @@ class CudaBackend(Backend):
         self.one_host = barrier is not None
         self.setting = group.settings.cuda_transport
         self.st: _State | None = None
+        self._ipc_ok: bool | None = None  # peer access among the ranks' GPUs, found once
 
     # ------------------------------------------------------------------ resources
 
@@ -334,14 +349,40 @@ class CudaBackend(Backend):
             if len(uid) != _cuda.NCCL_ID_BYTES:
                 raise CommError("pycomm: the NCCL id in the store has the wrong size; something "
                                 "other than this job wrote it")
-            st.nccl = _cuda.NcclComm(st.device, self.rank, self.size, uid,
-                                     self.group.settings.nccl_piece_bytes)
+            # Non-blocking initialisation, polled against the group's timeout: a rank that
+            # never calls it is named instead of hanging this one inside ncclCommInitRank.
+            arrived = {f"{self.prefix}nccl-arrived/{r}": self.group.ranks[r] for r in range(self.size)}
+            self.store.set(f"{self.prefix}nccl-arrived/{self.rank}", "1")
+            comm = _cuda.NcclComm(st.device, self.rank, self.size, uid,
+                                  self.group.settings.nccl_piece_bytes, self.timeout)
+            wait_ready(comm, self.timeout, lambda: _absent(self.store, arrived))
+            st.nccl = comm
         return st.nccl
 
     def _via(self, algo: str) -> str:
         """'ipc' or 'nccl'.  pick() leaves "auto" for IPC and resolves it for NCCL, so the
         algorithm a call carries also says its transport."""
-        return choose_transport(self.setting, self.one_host, self.size, algo)
+        via = choose_transport(self.setting, self.one_host, self.size, algo)
+        if via == "ipc" and not self._peer_access():
+            if self.setting == "ipc":
+                raise CommError("pycomm: PYCOMM_CUDA_TRANSPORT=ipc, but some of this group's GPUs have no "
+                                "peer access to each other; use PYCOMM_CUDA_TRANSPORT=auto or nccl")
+            return "nccl"
+        return via
+
+    def _peer_access(self) -> bool:
+        """Whether CUDA IPC can work among this group's GPUs (checked once, on every rank at its
+        first IPC-eligible call: the ranks publish their devices and each checks every pair)."""
+        if self._ipc_ok is None:
+            device = self.st.device if self.st is not None else torch.cuda.current_device()
+            self.store.set(f"{self.prefix}device/{self.rank}", str(device))
+            keys = {f"{self.prefix}device/{r}": self.group.ranks[r] for r in range(self.size)}
+            _rendezvous.wait_keys(self.store, keys, self.timeout, "publish its CUDA device")
+            devices = [int(self.store.get(k)) for k in keys]
+            self._ipc_ok = ipc_reachable(devices, torch.cuda.can_device_access_peer)
+            if not self._ipc_ok and self.group.settings.debug:
+                self.log("cuda", 0, f"no peer access among GPUs {devices}: NCCL instead of CUDA IPC")
+        return self._ipc_ok
 
     # ------------------------------------------------------------------ policy hooks
 
@@ -368,8 +409,14 @@ class CudaBackend(Backend):
         st = self._state(cuda[0].device if cuda else torch.device("cuda"))
         caller = torch.cuda.current_stream(st.device)
         if self._via(algo) == "ipc" or name == "barrier":
+            # The caller's work so far is captured now, at call time: an async op runs later
+            # on the group's worker, and waiting on the caller's stream then would also wait
+            # for (and order against) whatever the caller enqueued in between.
+            called = torch.cuda.Event()
+            called.record(caller)
+
             def run(*ts):
-                st.stream.wait_stream(caller)
+                st.stream.wait_event(called)
                 with torch.cuda.stream(st.stream):
                     out = fn(*ts)
                 for t in ts:
@@ -540,19 +587,69 @@ class CudaBackend(Backend):
     def close(self) -> None:
         """Releases the group's CUDA resources (destroy_process_group)."""
         st, self.st = self.st, None
-        if st is None:
-            return
-        st.closed = True
+        if st is not None:
+            release(st, self.timeout)
+
+
+def _absent(store: dist.Store, keys: dict[str, int]) -> list[int]:
+    """The global ranks of ``keys`` (key -> rank) whose key is not in the store."""
+    missing = []
+    for k, r in keys.items():
         try:
-            st.stream.synchronize()
-        except Exception:  # noqa: BLE001 - a failed device must not block the shut-down
-            pass
-        for res in (st.nccl, st.ipc):
-            if res is not None:
-                try:
-                    res.close()
-                except CommError:
-                    pass
+            if not store.check([k]):
+                missing.append(r)
+        except Exception:  # noqa: BLE001 - an unreachable store names the rank too
+            missing.append(r)
+    return missing
+
+
+def wait_ready(comm, timeout: float, missing: Callable[[], list[int]], poll: float = 0.001) -> None:
+    """Polls ``comm.ready()`` for at most ``timeout`` seconds; at the deadline aborts and
+    closes the communicator and raises CommTimeoutError naming ``missing()``."""
+    deadline = time.monotonic() + timeout
+    while not comm.ready():
+        if time.monotonic() > deadline:
+            who = ", ".join(f"rank {r}" for r in missing()) or "no rank identified (all called it)"
+            try:
+                comm.abort()
+                comm.close()
+            except CommError:
+                pass
+            raise CommTimeoutError(
+                f"pycomm: NCCL initialisation did not complete within {timeout:.1f} s; ranks that never "
+                f"started it: {who}. Check that every rank of the group made the same CUDA call.")
+        time.sleep(poll)
+        poll = min(2 * poll, 0.05)
+
+
+def release(st: _State, timeout: float, poll: float = 0.01) -> None:
+    """Waits (at most ``timeout`` seconds) for the group's stream, then frees its resources.
+
+    The watchdog keeps running while this waits (``closed`` is set only afterwards), so work
+    stuck on a dead peer is aborted by it; if the stream is still busy at the deadline, this
+    aborts the NCCL communicator itself.  A blocking synchronise here would hang for ever
+    behind NCCL kernels waiting for a peer that died.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        while not st.stream.query() and st.error is None and time.monotonic() < deadline:
+            time.sleep(poll)
+        idle = st.stream.query()
+    except Exception:  # noqa: BLE001 - a failed device must not block the shut-down
+        idle = False
+    with st.lock:
+        st.closed = True
+    try:
+        if st.nccl is not None and not idle:
+            st.nccl.abort()  # its kernels wait for a peer that will not come
+    except CommError:
+        pass
+    for res in (st.nccl, st.ipc):
+        if res is not None:
+            try:
+                res.close()
+            except CommError:
+                pass
 
 
 def diagnose(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, ...], seq: int,

@@ -12,7 +12,19 @@ enum cudaMemcpyKind { cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4 };
 static const cudaError_t cudaSuccess = 0;
 
 inline const char* cudaGetErrorString(cudaError_t) { return "mock CUDA error"; }
-inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+// The current device, per thread as in CUDA (tests check that the library restores it).
+inline int& mockCurrentDevice() {
+  thread_local int device = 0;
+  return device;
+}
+inline cudaError_t cudaSetDevice(int d) {
+  mockCurrentDevice() = d;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = mockCurrentDevice();
+  return cudaSuccess;
+}
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind, cudaStream_t) {
   std::memmove(dst, src, n);
   return cudaSuccess;

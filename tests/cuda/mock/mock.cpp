@@ -9,6 +9,8 @@
 // order of reductions), and the kernels are left to the GPU tests (tests/cuda/).
 #include "nccl.h"
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -37,6 +39,8 @@ struct World {
 struct MockNcclComm {
   World* world;
   int rank;
+  int nranks;
+  bool stuck;
 };
 
 namespace {
@@ -81,18 +85,31 @@ void flush() {
 
 const char* ncclGetErrorString(ncclResult_t) { return "mock NCCL error"; }
 const char* ncclGetLastError(ncclComm_t) { return ""; }
-ncclResult_t ncclCommInitRank(ncclComm_t* comm, int, ncclUniqueId id, int rank) {
+std::atomic<int> aborts{0};
+ncclResult_t ncclCommInitRank(ncclComm_t* comm, int nranks, ncclUniqueId id, int rank) {
   std::lock_guard<std::mutex> lock(worldsMu);
   World*& w = worlds[std::string(id.internal)];
   if (!w) w = new World();
-  *comm = new MockNcclComm{w, rank};
+  *comm = new MockNcclComm{w, rank, nranks, std::strncmp(id.internal, "stuck", 5) == 0};
+  return ncclSuccess;
+}
+ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId id, int rank, ncclConfig_t*) {
+  return ncclCommInitRank(comm, nranks, id, rank);
+}
+ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t* state) {
+  *state = comm->stuck ? ncclInProgress : ncclSuccess;
   return ncclSuccess;
 }
 ncclResult_t ncclCommDestroy(ncclComm_t comm) {
   delete comm;
   return ncclSuccess;
 }
-ncclResult_t ncclCommAbort(ncclComm_t comm) { return ncclCommDestroy(comm); }
+ncclResult_t ncclCommAbort(ncclComm_t comm) {
+  ++aborts;
+  return ncclCommDestroy(comm);
+}
+int mockGroupDepth() { return groupDepth; }
+int mockAborts() { return aborts; }
 ncclResult_t ncclGroupStart() {
   ++groupDepth;
   return ncclSuccess;
@@ -102,11 +119,13 @@ ncclResult_t ncclGroupEnd() {
   return ncclSuccess;
 }
 ncclResult_t ncclSend(const void* buf, size_t count, ncclDataType_t, int peer, ncclComm_t comm, void*) {
+  if (peer < 0 || peer >= comm->nranks) return ncclInvalidArgument;
   pending.push_back({true, const_cast<char*>(static_cast<const char*>(buf)), count, peer, comm});
   if (groupDepth == 0) flush();
   return ncclSuccess;
 }
 ncclResult_t ncclRecv(void* buf, size_t count, ncclDataType_t, int peer, ncclComm_t comm, void*) {
+  if (peer < 0 || peer >= comm->nranks) return ncclInvalidArgument;
   pending.push_back({false, static_cast<char*>(buf), count, peer, comm});
   if (groupDepth == 0) flush();
   return ncclSuccess;
@@ -326,6 +345,92 @@ int runAllToAll(int size, const std::vector<std::vector<size_t>>& counts, size_t
   return failures;
 }
 
+// The transport's failure paths: group depth after an error, the caller's device, a peer
+// that never connects (polled against the timeout), and abort() while a call is polling.
+int transportChecks(int& cases) {
+  int failures = 0;
+  auto expect = [&](bool ok, const std::string& what) {
+    ++cases;
+    if (!ok) {
+      ++failures;
+      std::printf("FAIL %s\n", what.c_str());
+    }
+  };
+  {  // an error inside a group (a send to rank 5 of 2) closes the group and keeps the comm usable
+    auto errors = onRanks(2, 16, [&](int r, cuda::NcclComm& comm) {
+      int64_t x = r, y = -1;
+      int isSend[2] = {1, 0};
+      void* bufs[2] = {&x, &y};
+      size_t bytes[2] = {8, 8};
+      int bad[2] = {5, 5};
+      std::string err;
+      try {
+        comm.p2p(2, isSend, bufs, bytes, bad, nullptr);
+      } catch (const std::exception& e) {
+        err = e.what();
+      }
+      if (err.find("ncclSend") == std::string::npos) throw std::runtime_error("no error for peer 5: " + err);
+      if (mockGroupDepth() != 0) throw std::runtime_error("group depth left at " + std::to_string(mockGroupDepth()));
+      int peers[2] = {1 - r, 1 - r};
+      comm.p2p(2, isSend, bufs, bytes, peers, nullptr);
+      if (y != 1 - r) throw std::runtime_error("p2p after the error received " + std::to_string(y));
+    });
+    for (int r = 0; r < 2; ++r) expect(errors[r].empty(), "group depth after an error, rank " + std::to_string(r) + ": " + errors[r]);
+  }
+  {  // the caller's current device survives a call that selects the comm's device
+    ncclUniqueId id{};
+    std::snprintf(id.internal, sizeof id.internal, "device-check");
+    cudaSetDevice(3);
+    {
+      cuda::NcclComm comm(1, 0, 1, id, 16);
+      int64_t x = 1, y = 0;
+      comm.run(Coll::AllReduce, Algo::Ring, &y, &x, nullptr, 1, DType::I64, RedOp::Sum, -1, nullptr);
+    }
+    int d = -1;
+    cudaGetDevice(&d);
+    expect(d == 3, "the caller's device is " + std::to_string(d) + " after the calls, not 3");
+  }
+  {  // a peer that never connects: the call fails after the timeout instead of hanging
+    ncclUniqueId id{};
+    std::snprintf(id.internal, sizeof id.internal, "stuck-1");
+    cuda::NcclComm comm(0, 0, 2, id, 16, 0.2);
+    expect(!comm.ready(), "ready() of a comm whose peer never connects");
+    auto start = std::chrono::steady_clock::now();
+    std::string err;
+    try {
+      int64_t x = 1;
+      comm.run(Coll::AllReduce, Algo::Ring, &x, &x, nullptr, 1, DType::I64, RedOp::Sum, -1, nullptr);
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    expect(err.find("did not finish connecting") != std::string::npos && s < 5,
+           "stuck peer: '" + err + "' after " + std::to_string(s) + " s");
+  }
+  {  // abort() from another thread ends a call that is polling, and abort twice is harmless
+    ncclUniqueId id{};
+    std::snprintf(id.internal, sizeof id.internal, "stuck-2");
+    cuda::NcclComm comm(0, 0, 2, id, 16);  // no timeout: only abort() can end the wait
+    int before = mockAborts();
+    std::string err;
+    std::thread caller([&] {
+      try {
+        int64_t x = 1;
+        comm.run(Coll::AllReduce, Algo::Ring, &x, &x, nullptr, 1, DType::I64, RedOp::Sum, -1, nullptr);
+      } catch (const std::exception& e) {
+        err = e.what();
+      }
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    comm.abort();
+    comm.abort();
+    caller.join();
+    expect(err.find("aborted") != std::string::npos && mockAborts() == before + 1,
+           "abort during a call: '" + err + "', " + std::to_string(mockAborts() - before) + " aborts");
+  }
+  return failures;
+}
+
 }  // namespace
 
 int main() {
@@ -385,6 +490,7 @@ int main() {
         std::printf("FAIL run(all_to_all) did not point to pycomm_nccl_all_to_all: '%s'\n", e.c_str());
       }
   }
+  failures += transportChecks(cases);
   std::printf("checked %d cases, %d failures\n", cases, failures);
   return failures ? 1 : 0;
 }

@@ -1,0 +1,77 @@
+"""Autotuning policy (kernels/_tuning.py): bucketed keys, and pruning by the target's shared memory."""
+import importlib
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.autotuner import Autotuner
+
+from kernels import _tuning
+
+matmul_mod = importlib.import_module("kernels.matmul")
+attn_mod = importlib.import_module("kernels.flash_attention")
+
+
+@_tuning.autotune([triton.Config({"BLOCK": 64})], key=["n", "D"], bucketed=["n"])
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, D, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n * D) * 2.0, mask=offs < n * D)
+
+
+def _launch(n, D):
+    x = torch.arange(n * D, dtype=torch.float32)
+    y = torch.empty_like(x)
+    _scale_kernel[lambda meta: (triton.cdiv(n * D, meta["BLOCK"]),)](x, y, n, D)
+    assert torch.equal(y, x * 2)
+
+
+def test_bucket():
+    assert [_tuning.bucket(n) for n in (0, 1, 2, 3, 5, 64, 65, 1000)] == [0, 1, 2, 4, 8, 64, 128, 1024]
+
+
+def test_a_new_size_in_a_tuned_bucket_does_not_tune_again(monkeypatch):
+    tunes = []
+    original = Autotuner.run
+
+    def counting(self, *args, **kwargs):
+        tunes.append(args[2:4])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", counting)
+    _scale_kernel.bucket_cache.clear()
+    _launch(100, 3)
+    _launch(120, 3)  # same bucket (128) and same exact D: reuses the config
+    _launch(128, 3)
+    assert tunes == [(100, 3)]
+    _launch(129, 3)  # next bucket
+    _launch(100, 5)  # D is exact: a new key
+    assert tunes == [(100, 3), (129, 3), (100, 5)]
+
+
+def _configs(*stages):
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=s) for s in stages]
+
+
+def test_pruning_keeps_what_fits_the_target():
+    prune = _tuning.prune_by_shared_memory(matmul_mod._shared_memory)
+    a = torch.empty(4, 4, dtype=torch.float16)
+    configs = _configs(2, 4, 8)  # 32, 64 and 128 KiB of fp16 tiles
+    assert prune(configs, {"a_ptr": a}) == configs  # CPU tensors, no target: nothing to fit
+    with _tuning.target_limit(70_000):
+        assert [c.num_stages for c in prune(configs, {"a_ptr": a})] == [2, 4]
+    with _tuning.target_limit(1_000):  # nothing fits: the smallest is kept, so the launch error is real
+        assert [c.num_stages for c in prune(configs, {"a_ptr": a})] == [2]
+
+
+@pytest.mark.parametrize("arch", sorted(_tuning.SHARED_MEMORY_LIMIT))
+def test_fp32_attention_at_head_dim_128_prunes_the_big_tiles(arch):
+    # 128x128 tiles at 3 stages need ~393 KB in fp32: over both targets' limits.
+    prune = _tuning.prune_by_shared_memory(attn_mod._fwd_shared_memory)
+    q = torch.empty(1, dtype=torch.float32)
+    with _tuning.target_limit(_tuning.SHARED_MEMORY_LIMIT[arch]):
+        kept = prune(attn_mod._fwd_configs(), {"q_ptr": q}, BLOCK_D=128)
+    assert kept and all(attn_mod._fwd_shared_memory(c, 4, {"BLOCK_D": 128}) <= _tuning.SHARED_MEMORY_LIMIT[arch]
+                        for c in kept)
+    assert not any(c.kwargs == {"BLOCK_M": 128, "BLOCK_N": 128} for c in kept)
