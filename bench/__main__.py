@@ -8,11 +8,11 @@ def main(argv=None):
     if argv and argv[0] in ("collectives", "latency", "kernels"):
         which = argv.pop(0)
     if which == "kernels":
-        from bench import kernels as mod
+        from . import kernels as mod
     elif which == "latency":
-        from bench import latency as mod
+        from . import latency as mod
     else:
-        from bench import collectives as mod
+        from . import collectives as mod
     return mod.main(argv)
 
 

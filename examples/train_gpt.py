@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels
+from pycomm import kernels
 import pycomm
 import pycomm.launch
 from pycomm import parallel

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from kernel_numerics import DEVICE, check, dot_dtypes, randn
 
-import kernels
+from pycomm import kernels
 
 
 def sdpa(q, k, v, causal):

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from kernel_numerics import DEVICE, interpreting
 from torch import nn
 
-import kernels
-from kernels import _dispatch
+from pycomm import kernels
+from pycomm.kernels import _dispatch
 
 # ---------------------------------------------------------------- torch.compile
 
