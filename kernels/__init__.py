@@ -10,16 +10,20 @@ from ._dispatch import backend
 from .add_rms_norm import add_rms_norm
 from .bias_gelu import bias_gelu
 from .cross_entropy import softmax_cross_entropy
-from .flash_attention import flash_attention
+from .flash_attention import flash_attention, flash_attention_varlen
 from .fused_add_mul import fused_add_mul
+from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .layer_norm import layer_norm
 from .matmul import matmul
 from .patch import patch
 from .qkv_attention import qkv_attention
 from .rms_norm import rms_norm
+from .rope import rope
 from .swiglu import swiglu
+from .swiglu_mlp import swiglu_mlp
 
 __all__ = [
-    "add_rms_norm", "backend", "bias_gelu", "flash_attention", "fused_add_mul", "layer_norm", "matmul", "nn",
-    "patch", "qkv_attention", "rms_norm", "softmax_cross_entropy", "swiglu",
+    "add_rms_norm", "backend", "bias_gelu", "flash_attention", "flash_attention_varlen", "fused_add_mul",
+    "fused_linear_cross_entropy", "layer_norm", "matmul", "nn", "patch", "qkv_attention", "rms_norm", "rope",
+    "softmax_cross_entropy", "swiglu", "swiglu_mlp",
 ]
