@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import pycomm
 import pycomm.launch
+
 from . import mpi as bench_mpi
 from .collectives import machine
 

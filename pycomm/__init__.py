@@ -17,8 +17,10 @@ import importlib
 
 import torch  # noqa: F401  (loads libtorch, which pycomm._C links against)
 
-from pycomm import _C  # noqa: F401
-from pycomm import _checkout  # noqa: F401  (pycomm.kernels and pycomm.bench from a source checkout)
+from pycomm import (
+    _C,  # noqa: F401
+    _checkout,  # noqa: F401  (pycomm.kernels and pycomm.bench from a source checkout)
+)
 from pycomm import c10d as _c10d
 from pycomm.collectives import (
     P2POp,

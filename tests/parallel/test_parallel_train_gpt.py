@@ -110,9 +110,8 @@ TINY = train_gpt.GPTConfig(vocab=16, seq=8, hidden=16, heads=4, kv_heads=2, laye
 
 def job_kernels_forward_backward(tp):
     """One forward+backward of the tiny GPT (embedding, block, head, loss) with each backend."""
-    from pycomm import kernels
+    from pycomm import kernels, parallel
     from pycomm.kernels import _interpreter
-    from pycomm import parallel
 
     torch.set_num_threads(1)
     mesh = parallel.init_mesh(1, tp, 1)
