@@ -24,7 +24,6 @@ from .matmul import check_activation, matmul
 from .qkv_attention import qkv_attention
 from .rms_norm import rms_norm
 
-
 _ACTIVATIONS = {None: lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu,
                 "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
 

@@ -463,7 +463,8 @@ def _visit(parent: nn.Module, name: str, m: nn.Module, path: str, on: dict, repo
         else:
             eps_name, offset = state
             _swap(m, "rms_norm", _rms_forward, eps=eps_name, offset=offset)
-            report.swapped["rms_norm"].append(f"{path}: {cls} -> kernels.rms_norm" + (" (1 + weight)" if offset else ""))
+            form = " (1 + weight)" if offset else ""
+            report.swapped["rms_norm"].append(f"{path}: {cls} -> kernels.rms_norm{form}")
         return True
     state, why = _swiglu_match(m)
     if state is not None or why is not None:
