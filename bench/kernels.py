@@ -9,6 +9,10 @@ Every row carries its ratio to the row's anchor (cuBLAS / SDPA / torch eager).
 
 Without CUDA: timings need a GPU, so it says so and runs a correctness pass of every op through
 Triton's interpreter instead (max error against a float64 reference, per dtype), in seconds.
+Then a CPU memory section: peak memory of loss + backward for ``fused_linear_cross_entropy``
+against lm_head + ``F.cross_entropy`` at vocabularies 32k and 128k (``--quick``: 32k only), each
+measured in its own subprocess as the resident-set high-water mark above the inputs (see
+``_MEM_CHILD``), with the ratio to the unfused anchor.
 """
 from __future__ import annotations
 
@@ -37,7 +41,9 @@ def _parse(argv):
 def main(argv=None) -> int:
     args = _parse(list(sys.argv[1:] if argv is None else argv))
     if not torch.cuda.is_available():
-        return _cpu_correctness(args)
+        rc = _cpu_correctness(args)
+        _cpu_memory(args)
+        return rc
     return _gpu_benchmark(args)
 
 
@@ -74,6 +80,21 @@ def _cpu_correctness(args) -> int:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return out.transpose(1, 2).reshape(2, 40, 32)
 
+    # Masks and rotary tables for the Hugging Face ops: right padding on one batch row (no query
+    # row fully masked, where SDPA's answer is NaN and ours 0), a 9-key sliding window; a partial
+    # (16 of 32 dims) rotary embedding at positions 3..13.
+    kpm = torch.ones(2, 30, dtype=torch.bool)
+    kpm[1, 23:] = False
+    qi, kj = torch.arange(30)[:, None], torch.arange(30)[None, :]
+    window_mask = ((kj <= qi) & (qi - kj < 9))[None, None] & kpm[:, None, None, :]
+    emb = torch.outer(torch.arange(3, 14).double(), 1.0 / 10000 ** (torch.arange(0, 16, 2).double() / 16)).repeat(1, 2)
+    cos, sin = emb.cos().float(), emb.sin().float()
+
+    def hf_rope(x, c, s_):
+        c, s_ = c.to(x.dtype), s_.to(x.dtype)
+        xr = x[..., :16]
+        return torch.cat((xr * c + torch.cat((-xr[..., 8:], xr[..., :8]), -1) * s_, x[..., 16:]), -1)
+
     cases = [
         ("fused_add_mul", kernels.fused_add_mul, lambda a, b, c, d: d + (a + b) * c,
          [r(7, 1, 33), r(5, 33), r(33), r(7, 5, 33)]),
@@ -94,6 +115,17 @@ def _cpu_correctness(args) -> int:
          [r(1, 4, 70, 64), r(1, 2, 70, 64), r(1, 2, 70, 64)]),
         ("qkv_attention(GQA)", lambda x, w: kernels.qkv_attention(x, w, num_heads=2, num_kv_heads=1), qkv_ref,
          [r(2, 40, 32), qkv_w]),
+        ("flash_attention(pad, window)", lambda q, k, v: kernels.flash_attention(
+            q, k, v, True, key_padding_mask=kpm, sliding_window=9), lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=window_mask, enable_gqa=True), [r(2, 4, 30, 32), r(2, 2, 30, 32), r(2, 2, 30, 32)]),
+        ("rope(partial)", lambda q, k: torch.cat([o.flatten() for o in kernels.rope(q, k, cos, sin)]),
+         lambda q, k: torch.cat([hf_rope(q, cos, sin).flatten(), hf_rope(k, cos, sin).flatten()]),
+         [r(2, 4, 11, 32), r(2, 2, 11, 32)]),
+        ("fused_linear_cross_entropy", lambda h, w: kernels.fused_linear_cross_entropy(h, w, target, softcap=5.0),
+         lambda h, w: F.cross_entropy((5.0 * torch.tanh(F.linear(h, w) / 5.0)).float(), target),
+         [r(24, 32, scale=2), r(300, 32, scale=32 ** -0.5)]),
+        ("swiglu_mlp", kernels.swiglu_mlp, lambda x, a, b, c: F.linear(F.silu(F.linear(x, a)) * F.linear(x, b), c),
+         [r(37, 32), r(45, 32, scale=32 ** -0.5), r(45, 32, scale=32 ** -0.5), r(32, 45, scale=45 ** -0.5)]),
     ]
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
     start = time.perf_counter()
@@ -125,6 +157,105 @@ def _cpu_correctness(args) -> int:
     if args.plot:
         print("--plot: nothing to plot without GPU timings")
     return 0 if worst == 0 else 1
+
+
+# ==============================================================================================
+# CPU: peak memory of the LM-head loss, fused against unfused
+# ==============================================================================================
+
+# (tokens, hidden) of the memory comparison: a 1k-token micro-batch and a small model's width,
+# so the 128k-vocabulary anchor (its logits alone are 0.5 GiB in fp32) fits a CI machine.
+_MEM_TOKENS, _MEM_HIDDEN = 1024, 512
+_MEM_VOCABS = (32000, 128256)  # Llama-2 and Llama-3 vocabularies
+
+# Runs in a fresh interpreter per measurement.  torch's CPU allocator takes memory from malloc
+# and keeps no cache, so with glibc's mmap threshold pinned at 1 MiB (MALLOC_MMAP_THRESHOLD_ in
+# the child's environment, which also switches off glibc's sliding threshold) every tensor of
+# the measured step is its own mapping, returned to the OS when freed.  The resident set then
+# follows live tensor memory, and the kernel's high-water mark VmHWM, reset through
+# /proc/self/clear_refs just before the step, is the step's peak.  Inputs, weights and a warm-up
+# step (thread pools, first-call allocations) come before the reset and are not counted.
+_MEM_CHILD = r"""
+import gc, importlib, json, sys, time
+import torch
+import torch.nn.functional as F
+method, V, N, H, kmod = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+flce = importlib.import_module(kmod).fused_linear_cross_entropy
+def fused(h, w, t):
+    return flce(h, w, t)
+def unfused(h, w, t):
+    return F.cross_entropy(F.linear(h, w).float(), t)
+fn = fused if method == "fused" else unfused
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+gen = torch.Generator().manual_seed(0)
+small = [torch.randn(64, H, generator=gen, requires_grad=True), torch.randn(512, H, generator=gen, requires_grad=True)]
+fn(small[0], small[1], torch.randint(0, 512, (64,), generator=gen)).backward()
+hidden = torch.randn(N, H, generator=gen).requires_grad_()
+weight = (torch.randn(V, H, generator=gen) * H ** -0.5).requires_grad_()
+target = torch.randint(0, V, (N,), generator=gen)
+del small
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
+t0 = time.perf_counter()
+loss = fn(hidden, weight, target)
+loss.backward()
+seconds = time.perf_counter() - t0
+print(json.dumps(dict(peak=status("VmHWM") - base, seconds=seconds, loss=loss.item(),
+                      grad_norm=weight.grad.norm().item())))
+"""
+
+
+def _mem_measure(method, V, N, H, kmod):
+    import subprocess
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2 ** 20), PYCOMM_KERNELS_BACKEND="torch",
+               TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([sys.executable, "-c", _MEM_CHILD, method, str(V), str(N), str(H), kmod],
+                          env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "child failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _cpu_memory(args) -> list:
+    """Print (and return) the peak-memory table of fused vs unfused LM-head loss on the CPU."""
+    from pycomm import kernels
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        print("\nmemory section skipped: needs Linux /proc (VmHWM and clear_refs)")
+        return []
+    N, H = _MEM_TOKENS, _MEM_HIDDEN
+    vocabs = _MEM_VOCABS[:1] if args.quick else _MEM_VOCABS
+    print(f"\nPeak memory of loss + backward, lm_head + cross-entropy, fp32 on CPU, {N} tokens x hidden {H} "
+          "(torch fallback; resident-set high-water mark above the inputs, one subprocess per row)")
+    header = f"{'vocab':>7s} {'provider':38s} {'peak MiB':>9s} {'time s':>7s}  ratio vs anchor"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for V in vocabs:
+        try:
+            base = _mem_measure("unfused", V, N, H, kernels.__name__)
+            ours = _mem_measure("fused", V, N, H, kernels.__name__)
+        except Exception as e:  # e.g. too little memory for the anchor: report, do not end the run
+            print(f"{V:7d} failed: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        same = abs(base["loss"] - ours["loss"]) <= 1e-4 * abs(base["loss"]) and \
+            abs(base["grad_norm"] - ours["grad_norm"]) <= 1e-3 * base["grad_norm"]
+        for name, r, anchor in (("lm_head + F.cross_entropy (anchor)", base, True),
+                                ("fused_linear_cross_entropy", ours, False)):
+            ratio = "" if anchor else f"x{base['peak'] / max(r['peak'], 1):.1f} less memory" + \
+                ("" if same else "  (LOSS OR GRADIENT DIFFERS!)")
+            print(f"{V:7d} {name:38s} {r['peak'] / 2 ** 20:9.0f} {r['seconds']:7.2f}  {ratio}")
+            rows.append(dict(vocab=V, provider=name, peak_mib=r["peak"] / 2 ** 20, seconds=r["seconds"],
+                             anchor=anchor, same_result=same))
+    if args.json and rows:
+        _write_json(os.path.splitext(args.json)[0] + "-memory.json", dict(mode="cpu-memory", rows=rows, env=_env()))
+    return rows
 
 
 def _fwd_bwd(fn, inputs, dtype):
@@ -363,6 +494,57 @@ def _gpu_benchmark(args) -> int:
     R.add(g, "kernels", _fwd_bwd_fn(lambda: kernels.softmax_cross_entropy(logits, target), (logits,)),
           bytes_=3 * T * V * es, memory=True)
     R.print_group(g)
+    del logits
+
+    # --- LM head + loss: fused_linear_cross_entropy against lm_head + F.cross_entropy (time and peak)
+    Hd = 4096
+    hid = t(T, Hd, grad=True)
+    head = (torch.randn(V, Hd, device=dev, dtype=bf16) / math.sqrt(Hd)).requires_grad_()
+    g = f"lm_head+cross_entropy bf16 {T}x{Hd}, V={V} fwd+bwd"
+    flops = 3 * 2 * T * Hd * V
+    R.add(g, "torch eager", _fwd_bwd_fn(lambda: F.cross_entropy(F.linear(hid, head).float(), target), (hid, head)),
+          flops=flops, anchor=True, memory=True)
+    R.add(g, "kernels.fused_linear_cross_entropy",
+          _fwd_bwd_fn(lambda: kernels.fused_linear_cross_entropy(hid, head, target), (hid, head)), flops=flops,
+          memory=True)
+    R.print_group(g)
+    del hid, head
+
+    # --- rotary embedding (HF layout) and the SwiGLU MLP, fwd + bwd
+    B, S, Hq, Hk, D = 4, 4096, 32, 8, 128
+    qr, kr = t(B, Hq, S, D, grad=True), t(B, Hk, S, D, grad=True)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=dev).float() / D))
+    emb = torch.outer(torch.arange(S, device=dev).float(), inv).repeat(1, 2)
+    cos, sin = emb.cos().to(bf16)[None].expand(B, S, D), emb.sin().to(bf16)[None].expand(B, S, D)
+
+    def hf_rope():
+        def rot(x):
+            return torch.cat((-x[..., D // 2:], x[..., : D // 2]), -1)
+        c, s_ = cos[:, None], sin[:, None]
+        q2, k2 = qr * c + rot(qr) * s_, kr * c + rot(kr) * s_
+        return q2.sum() + k2.sum()
+
+    rope_bytes = 2 * (B * (Hq + Hk) * S * D) * es
+    g = f"rope bf16 B{B} S{S} H{Hq}/{Hk} D{D} fwd+bwd"
+    R.add(g, "HF apply_rotary_pos_emb", _fwd_bwd_fn(hf_rope, (qr, kr)), bytes_=3 * rope_bytes, anchor=True,
+          memory=True)
+    R.add(g, "kernels.rope", _fwd_bwd_fn(lambda: sum(o.sum() for o in kernels.rope(qr, kr, cos, sin)), (qr, kr)),
+          bytes_=3 * rope_bytes, memory=True)
+    R.print_group(g)
+    del qr, kr
+
+    E, Inter = 4096, 14336
+    xm = t(T, E, grad=True)
+    wg, wu, wd = t(Inter, E, grad=True), t(Inter, E, grad=True), t(E, Inter, grad=True)
+    gm = t(T, E)
+    g = f"swiglu_mlp bf16 {T}x{E}x{Inter} fwd+bwd"
+    flops = 3 * 2 * T * E * Inter * 3
+    R.add(g, "torch eager", _fwd_bwd_fn(lambda: F.linear(F.silu(F.linear(xm, wg)) * F.linear(xm, wu), wd),
+                                        (xm, wg, wu, wd), gm), flops=flops, anchor=True, memory=True)
+    R.add(g, "kernels.swiglu_mlp", _fwd_bwd_fn(lambda: kernels.swiglu_mlp(xm, wg, wu, wd), (xm, wg, wu, wd), gm),
+          flops=flops, memory=True)
+    R.print_group(g)
+    del xm, wg, wu, wd, gm
 
     payload = dict(mode="gpu-timings", env=_env(), copy_gbps=R.copy_bw, peak_bf16_flops=R.peak_flops, rows=R.rows)
     if args.json:

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from kernel_numerics import DEVICE, check, dot_dtypes, randn
 
 from pycomm import kernels
+from pycomm.kernels import _dispatch
 
 
 def sdpa(q, k, v, causal):
@@ -101,3 +102,128 @@ def test_qkv_attention_errors():
         kernels.qkv_attention(x, torch.randn(24, 8, device=DEVICE), num_heads=3, num_kv_heads=2)
     with pytest.raises(ValueError, match="b_qkv"):
         kernels.qkv_attention(x, torch.randn(24, 8, device=DEVICE), torch.randn(5, device=DEVICE), num_heads=2)
+
+
+# ---------------------------------------------------------------- masks for Hugging Face models
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv(_dispatch.ENV_VAR, "auto" if request.param == "triton" else "torch")
+    return request.param
+
+
+def masked_reference(q, k, v, causal=False, kpm=None, window=None, bottom_right=False, softcap=None, scale=None):
+    """Attention with an explicit (B, 1, S_q, S_k) boolean mask built the way HF's mask functions
+    do (``kv_idx <= q_idx`` and ``kv_idx > q_idx - window``, positions shifted for bottom-right);
+    fully masked rows give 0."""
+    S_Q, S_K, D = q.shape[2], k.shape[2], q.shape[3]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)) * (D ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    q_idx = torch.arange(S_Q, device=q.device)[:, None] + (S_K - S_Q if bottom_right else 0)
+    kv_idx = torch.arange(S_K, device=q.device)[None, :]
+    allowed = torch.ones(S_Q, S_K, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed & (kv_idx <= q_idx)
+    if window is not None:
+        allowed = allowed & (kv_idx > q_idx - window)
+        if not causal:
+            allowed = allowed & (kv_idx < q_idx + window)
+    allowed = allowed[None, None]
+    if kpm is not None:
+        allowed = allowed & kpm[:, None, None, :]
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.nan_to_num(p, nan=0.0) @ v
+
+
+# (B, H, H_kv, S_q, S_k, D) and the options: padding with a fully padded batch row (all-zero
+# output), sliding windows shorter than the sequence, chunked prefill (S_q < S_k, bottom-right),
+# softcapping, all together.
+MASK_CASES = [
+    ((2, 2, 1, 37, 37, 16), dict(causal=True, pad=True)),
+    ((1, 2, 2, 40, 40, 32), dict(causal=True, window=7)),
+    ((1, 2, 1, 13, 45, 16), dict(causal=True, bottom_right=True, window=20)),
+    ((2, 2, 2, 19, 19, 16), dict(window=5, softcap=2.0)),
+    ((2, 4, 2, 9, 70, 16), dict(causal=True, bottom_right=True, pad=True, window=33, softcap=5.0)),
+]
+
+
+def _kpm(B, S_K):
+    kpm = torch.ones(B, S_K, dtype=torch.bool, device=DEVICE)
+    kpm[0, : S_K // 3] = False  # left padding, as HF batches prompts for generation
+    if B > 1:
+        kpm[1, S_K - 4:] = False  # right padding
+    return kpm
+
+
+@pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: "-".join(c[1]))
+def test_flash_attention_masks(backend, case):
+    (B, H, H_KV, S_Q, S_K, D), opts = case
+    kpm = _kpm(B, S_K) if opts.get("pad") else None
+    causal, window, softcap = opts.get("causal", False), opts.get("window"), opts.get("softcap")
+    br = opts.get("bottom_right", False)
+    q, k, v = randn(B, H, S_Q, D, scale=2.0), randn(B, H_KV, S_K, D, seed=1), randn(B, H_KV, S_K, D, seed=2)
+
+    def ours(q, k, v):
+        return kernels.flash_attention(q, k, v, causal, key_padding_mask=kpm, sliding_window=window,
+                                       causal_alignment="bottom_right" if br else "top_left", softcap=softcap)
+
+    check(ours, lambda q, k, v: masked_reference(q, k, v, causal, kpm, window, br, softcap), [q, k, v],
+          torch.float32)
+
+
+def test_flash_attention_fully_masked_rows_are_zero(backend):
+    q = torch.randn(2, 2, 6, 16, device=DEVICE, requires_grad=True)
+    kpm = torch.zeros(2, 6, dtype=torch.bool, device=DEVICE)
+    kpm[1, 3] = True
+    # Batch 0 sees no key at all; in batch 1 causal queries 0..2 come before the only real key.
+    out = kernels.flash_attention(q, q, q, causal=True, key_padding_mask=kpm)
+    assert not out[0].any() and not out[1, :, :3].any() and out[1, :, 3:].abs().sum() > 0
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("opts", [dict(causal=True), dict(causal=True, sliding_window=4, softcap=3.0), dict()],
+                         ids=["causal", "window-softcap", "full"])
+def test_flash_attention_varlen(backend, opts):
+    # Three packed sequences, one of them with more keys than queries (bottom-right causal) and
+    # one with no queries at all.
+    lens_q, lens_k = [5, 0, 12], [7, 3, 12]
+    cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
+    q, k, v = randn(sum(lens_q), 4, 16), randn(sum(lens_k), 2, 16, seed=1), randn(sum(lens_k), 2, 16, seed=2)
+
+    def ours(q, k, v):
+        return kernels.flash_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), **opts)
+
+    def ref(q, k, v):
+        outs = []
+        for b in range(3):
+            qs, ks, vs = (t[c[b]:c[b + 1]].transpose(0, 1)[None] for t, c in ((q, cu_q), (k, cu_k), (v, cu_k)))
+            o = masked_reference(qs, ks, vs, opts.get("causal", False), None, opts.get("sliding_window"), True,
+                                 opts.get("softcap"))
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    check(ours, ref, [q, k, v], torch.float32)
+
+
+def test_flash_attention_mask_errors():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        kernels.flash_attention(q, q, q, key_padding_mask=torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="sliding_window"):
+        kernels.flash_attention(q, q, q, sliding_window=0)
+    with pytest.raises(ValueError, match="causal_alignment"):
+        kernels.flash_attention(q, q, q, causal_alignment="bottom")
+    with pytest.raises(ValueError, match="softcap"):
+        kernels.flash_attention(q, q, q, softcap=-1.0)
+    p = torch.randn(8, 2, 16, device=DEVICE)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="end at"):
+        kernels.flash_attention_varlen(p, p, p, cu, torch.tensor([0, 3, 7], device=DEVICE), 5, 5)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        kernels.flash_attention_varlen(p, p, p, cu, cu, 4, 5)

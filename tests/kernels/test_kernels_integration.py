@@ -52,6 +52,46 @@ def test_compile_fullgraph_attention():
                       lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v], "aot_eager")
 
 
+def test_compile_fullgraph_hf_decoder_ops():
+    # rope -> masked GQA attention -> swiglu_mlp -> fused LM-head loss, one graph, fwd + bwd.
+    B, S, H, H_KV, D, E, V = 2, 7, 2, 1, 8, 16, 23
+    x = torch.randn(B, S, E, device=DEVICE)
+    wq, wk = torch.randn(H * D, E, device=DEVICE) / 4, torch.randn(H_KV * D, E, device=DEVICE) / 4
+    wg, wu, wd = (torch.randn(24, E, device=DEVICE) / 4, torch.randn(24, E, device=DEVICE) / 4,
+                  torch.randn(E, 24, device=DEVICE) / 5)
+    head = torch.randn(V, E, device=DEVICE) / 4
+    pos = torch.arange(S, device=DEVICE).float()[:, None] / 10 ** (torch.arange(0, D, 2, device=DEVICE) / D)
+    cos, sin = pos.repeat(1, 2).cos(), pos.repeat(1, 2).sin()
+    kpm = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    kpm[1, :2] = False
+    target = torch.randint(0, V, (B, S), device=DEVICE)
+
+    def project(x, wq, wk):
+        q = F.linear(x, wq).view(B, S, H, D).transpose(1, 2)
+        k = F.linear(x, wk).view(B, S, H_KV, D).transpose(1, 2)
+        return q, k
+
+    def ours(x, wq, wk, wg, wu, wd, head):
+        q, k = kernels.rope(*project(x, wq, wk), cos, sin)
+        a = kernels.flash_attention(q, k, k, True, key_padding_mask=kpm, sliding_window=4)
+        h = kernels.swiglu_mlp(a.transpose(1, 2).reshape(B, S, E) + x, wg, wu, wd)
+        return kernels.fused_linear_cross_entropy(h, head, target)
+
+    def ref(x, wq, wk, wg, wu, wd, head):
+        q, k = project(x, wq, wk)
+        rot = lambda t: torch.cat((-t[..., D // 2:], t[..., : D // 2]), -1)  # noqa: E731
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        i, j = torch.arange(S, device=DEVICE)[:, None], torch.arange(S, device=DEVICE)[None, :]
+        mask = ((j <= i) & (i - j < 4))[None, None] & kpm[:, None, None, :]
+        p = torch.softmax((q @ k.repeat_interleave(H, 1).transpose(-1, -2) / D ** 0.5).masked_fill(~mask, -torch.inf), -1)
+        a = torch.nan_to_num(p) @ k.repeat_interleave(H, 1)
+        h = a.transpose(1, 2).reshape(B, S, E) + x
+        h = F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
+        return F.cross_entropy(F.linear(h, head).flatten(0, 1), target.flatten())
+
+    _compiled_matches(ours, ref, [x, wq, wk, wg, wu, wd, head], "aot_eager")
+
+
 # ---------------------------------------------------------------- opcheck (fake impls, autograd registration)
 
 OPCHECK = [
@@ -63,12 +103,26 @@ OPCHECK = [
     ("layer_norm", lambda: (torch.randn(3, 5), torch.randn(5), torch.randn(5), 1e-5)),
     ("cross_entropy_rows", lambda: (torch.randn(4, 7), torch.tensor([1, -100, 6, 0]), -100)),
     ("matmul", lambda: (torch.randn(5, 6), torch.randn(7, 6).t(), torch.randn(7), "silu", True)),
-    ("flash_attention", lambda: (torch.randn(1, 2, 9, 16), torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 16), True, 0.25)),
+    ("flash_attention", lambda: (torch.randn(1, 2, 9, 16), torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 16), None,
+                                 True, 0.25, 0, False, 0.0)),
+    ("flash_attention", lambda: (torch.randn(2, 2, 5, 16), torch.randn(2, 1, 9, 16), torch.randn(2, 1, 9, 16),
+                                 torch.tensor([[True] * 9, [False] * 3 + [True] * 6]), True, 0.25, 4, True, 2.0)),
+    ("flash_attention_varlen", lambda: (torch.randn(7, 2, 16), torch.randn(9, 1, 16), torch.randn(9, 1, 16),
+                                        torch.tensor([0, 3, 7], dtype=torch.int32),
+                                        torch.tensor([0, 4, 9], dtype=torch.int32), 4, 5, True, 0.25, 3, 0.0)),
+    ("rope", lambda: (torch.randn(2, 3, 5, 8), torch.randn(2, 1, 5, 8), torch.randn(5, 6), torch.randn(5, 6), 1,
+                      False, False)),
+    ("fused_linear_cross_entropy", lambda: (torch.randn(6, 8), torch.randn(11, 8), torch.tensor([1, -100, 10, 0, 3, 3]),
+                                            torch.randn(11), -100, 0.1, 3.0, "mean", True, True, True)),
+    ("fused_linear_cross_entropy", lambda: (torch.randn(6, 8), torch.randn(11, 8), torch.tensor([1, -100, 10, 0, 3, 3]),
+                                            None, -100, 0.0, 0.0, "none", True, True, False)),
+    ("swiglu_mlp", lambda: (torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 8), torch.randn(5, 6), None,
+                            torch.randn(6), torch.randn(5))),
     ("qkv_attention", lambda: (torch.randn(1, 9, 8), torch.randn(64, 8) / 3, torch.randn(64), 2, 1, True)),
 ]
 
 
-@pytest.mark.parametrize("name,make", OPCHECK, ids=[n for n, _ in OPCHECK])
+@pytest.mark.parametrize("name,make", OPCHECK, ids=[f"{n}-{i}" for i, (n, _) in enumerate(OPCHECK)])
 def test_opcheck(name, make):
     args = [a.to(DEVICE).requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a for a in make()]
     torch.library.opcheck(getattr(torch.ops.pycomm_kernels, name).default, args)
