@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 # operations and the other scenarios' trials; by hand, it takes minutes.
 SOAK ?= 10
 
-.PHONY: test lint test-torch-suite bench soak install clean gpu-check
+.PHONY: test lint test-torch-suite test-hf bench soak install clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ soak: $(STAMP)
 TORCH_SUITE_ARGS ?=
 test-torch-suite: $(STAMP)
 	$(PY) tests/torch_suite/runner.py --world-sizes 2 3 $(TORCH_SUITE_ARGS)
+
+# The Hugging Face model tests with the Triton kernels (interpreter) on all seven models and a
+# compiled training step; `make test` runs them on the torch fallback and Triton on one model.
+test-hf: $(STAMP)
+	PYCOMM_TEST_HF_ALL=1 $(PY) -m pytest tests/kernels/test_hf_models.py tests/kernels/test_hf_names.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)

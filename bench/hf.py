@@ -27,7 +27,8 @@ import json, os, statistics, sys, time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from pycomm import kernels
-patched, steps, batch, seq, vocab = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+patched = sys.argv[1] == "1"
+steps, batch, seq, vocab = map(int, sys.argv[2:6])
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4,

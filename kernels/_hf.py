@@ -23,12 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from . import _amp
-from .flash_attention import flash_attention
+from .flash_attention import MAX_HEAD_DIM, flash_attention
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 
 NAME = "pycomm"
-# The head dims the Triton attention kernel takes (kernels/flash_attention.py); others run the torch path.
-_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 
 
 def register_attention() -> None:
@@ -63,7 +61,7 @@ def _dense_allowed(Sq: int, Sk: int, device, causal: bool, window: int | None) -
 
 def _torch_attention(q, k, v, mask, causal, scale, window, softcap, dropout):
     """Eager attention with the same semantics as the kernel path, for what the kernel does not
-    take: dropout in training, float64, other head dims, a 4-D mask passed by the caller."""
+    take: dropout in training, float64, head dims above MAX_HEAD_DIM, a caller's own 4-D mask."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
@@ -93,7 +91,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         dt = _amp.promoted_dtype(query, key, value) if query.dtype == key.dtype == value.dtype else None
     q, k, v = (query, key, value) if dt is None else _amp.cast(dt, query, key, value)
     window = sliding_window or None
-    if (dt is None or dropout or query.shape[-1] not in _HEAD_DIMS
+    if (dt is None or dropout or query.shape[-1] > MAX_HEAD_DIM
             or (attention_mask is not None and attention_mask.dim() != 2)):
         out = _torch_attention(q, k, v, attention_mask, causal, scaling, window, softcap, dropout)
     else:
