@@ -173,8 +173,9 @@ _MEM_VOCABS = (32000, 128256)  # Llama-2 and Llama-3 vocabularies
 # the child's environment, which also switches off glibc's sliding threshold) every tensor of
 # the measured step is its own mapping, returned to the OS when freed.  The resident set then
 # follows live tensor memory, and the kernel's high-water mark VmHWM, reset through
-# /proc/self/clear_refs just before the step, is the step's peak.  Inputs, weights and a warm-up
-# step (thread pools, first-call allocations) come before the reset and are not counted.
+# /proc/self/clear_refs just before the step, is the step's peak.  Inputs, weights and a full-size
+# warm-up step (thread pools, first-call costs; its gradients are dropped again) come before the
+# reset and are not counted, so the printed time is that of a warm step.
 _MEM_CHILD = r"""
 import gc, importlib, json, sys, time
 import torch
@@ -191,12 +192,11 @@ def status(key):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
 gen = torch.Generator().manual_seed(0)
-small = [torch.randn(64, H, generator=gen, requires_grad=True), torch.randn(512, H, generator=gen, requires_grad=True)]
-fn(small[0], small[1], torch.randint(0, 512, (64,), generator=gen)).backward()
 hidden = torch.randn(N, H, generator=gen).requires_grad_()
 weight = (torch.randn(V, H, generator=gen) * H ** -0.5).requires_grad_()
 target = torch.randint(0, V, (N,), generator=gen)
-del small
+fn(hidden, weight, target).backward()  # warm-up at full size: the measured step is a warm one
+hidden.grad = weight.grad = None
 gc.collect()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")

@@ -832,20 +832,28 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         if t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
     _check_heads(q, k, v, "packed")
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name} must be a 1-D int32/int64 tensor of cumulative sequence lengths")
         if cu.device != q.device:
             raise ValueError(f"{name} is on {cu.device} but q on {q.device}; move it to q's device")
-        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"{name} must start at 0, never decrease and end at {total} (the packed length)")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 2:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number (>= 1) of sequences")
+    # Every data-dependent check in one tensor, so a valid call costs one device sync, not six.
     lens_q, lens_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
-    if int(lens_q.max()) > max_seqlen_q or int(lens_k.max()) > max_seqlen_k:
+    bad = torch.stack([
+        (cu_seqlens_q[0] != 0) | (cu_seqlens_q[-1] != q.shape[0]) | (lens_q < 0).any(),
+        (cu_seqlens_k[0] != 0) | (cu_seqlens_k[-1] != k.shape[0]) | (lens_k < 0).any(),
+        (lens_q > max_seqlen_q).any() | (lens_k > max_seqlen_k).any(),
+        ((lens_k == 0) & (lens_q > 0)).any(),
+    ]).tolist()
+    if bad[0] or bad[1]:
+        name, total = ("cu_seqlens_q", q.shape[0]) if bad[0] else ("cu_seqlens_k", k.shape[0])
+        raise ValueError(f"{name} must start at 0, never decrease and end at {total} (the packed length)")
+    if bad[2]:
         raise ValueError(f"max_seqlen_q={max_seqlen_q} / max_seqlen_k={max_seqlen_k} are below the longest sequence "
                          f"({int(lens_q.max())} / {int(lens_k.max())}); pass the true maxima")
-    if bool(((lens_k == 0) & (lens_q > 0)).any()):
+    if bad[3]:
         raise ValueError("a sequence has queries but 0 keys: attention over an empty sequence is undefined")
     causal, scale, window, cap = _check_options(causal, scale, sliding_window, softcap, q.shape[-1])
     cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)

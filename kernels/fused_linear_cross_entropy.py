@@ -193,9 +193,11 @@ def _run(hidden2, weight, target1, bias, ignore_index, eps, softcap, scale, grad
             if dlogits.dtype == torch.float32:
                 dw.addmm_(dlogits.t(), h)
             else:
-                dw += (dlogits.t() @ h).float()
+                # The chunk's product in the input dtype (one GEMM, fp32 inside), added to the fp32
+                # accumulator with the cast on the fly: no (V x H) fp32 temporary.
+                dw.add_(dlogits.t() @ h)
         if need_db:
-            db += dlogits.float().sum(0)
+            db.add_(dlogits.sum(0, dtype=torch.float32))
     return loss, dh, dw.to(weight.dtype), db.to(weight.dtype)
 
 

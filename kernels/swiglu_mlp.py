@@ -62,12 +62,14 @@ def _swiglu_mlp_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     act = _act(gate, up)  # recomputed instead of saved
     dwd = g.t() @ act
-    dbd = g.float().sum(0).to(g.dtype)
+    dbd = g.sum(0, dtype=torch.float32).to(g.dtype)
     dact = g @ wd
     dgate, dup = _act_bwd(dact, gate, up)
     dx = dgate @ wg
     dx.addmm_(dup, wu)
-    return dx, dgate.t() @ x2, dup.t() @ x2, dwd, dgate.float().sum(0).to(g.dtype), dup.float().sum(0).to(g.dtype), dbd
+    dbg = dgate.sum(0, dtype=torch.float32).to(g.dtype)
+    dbu = dup.sum(0, dtype=torch.float32).to(g.dtype)
+    return dx, dgate.t() @ x2, dup.t() @ x2, dwd, dbg, dbu, dbd
 
 
 @_swiglu_mlp_bwd_op.register_fake
