@@ -54,7 +54,7 @@ TORCH_SUITE_ARGS ?=
 test-torch-suite: $(STAMP)
 	$(PY) tests/torch_suite/runner.py --world-sizes 2 3 $(TORCH_SUITE_ARGS)
 
-# The Hugging Face model tests with the Triton kernels (interpreter) on all seven models and a
+# The Hugging Face model tests with the Triton kernels (interpreter) on all eight models and a
 # compiled training step; `make test` runs them on the torch fallback and Triton on one model.
 test-hf: $(STAMP)
 	PYCOMM_TEST_HF_ALL=1 $(PY) -m pytest tests/kernels/test_hf_models.py tests/kernels/test_hf_names.py $(PYTEST_ARGS)

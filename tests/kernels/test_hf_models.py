@@ -31,6 +31,8 @@ def _configs():
         "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**SMALL)),
         "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**SMALL, head_dim=16)),
         "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**SMALL, head_dim=16)),
+        # merged gate_up_proj, partial rotary (half of each head)
+        "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(**SMALL, partial_rotary_factor=0.5)),
         "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=64,
                                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                                        pad_token_id=0)),
@@ -48,10 +50,11 @@ EXPECTED = {
     "qwen2": dict(rms_norm=3, swiglu=1, rope=1, attention=1, fused_linear_cross_entropy=1),
     "qwen3": dict(rms_norm=5, swiglu=1, rope=1, attention=1, fused_linear_cross_entropy=1),  # + q_norm, k_norm
     "gemma": dict(rms_norm=3, swiglu=0, rope=1, attention=1, fused_linear_cross_entropy=1),  # (1 + w); GeGLU left
+    "phi3": dict(rms_norm=3, swiglu=1, rope=1, attention=1, fused_linear_cross_entropy=1),
     "gpt2": dict(layer_norm=3, attention=1, fused_linear_cross_entropy=1),
     "bert": dict(layer_norm=4, attention=1, fused_linear_cross_entropy=0),  # masked LM: its own loss
 }
-CAUSAL = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2"}
+CAUSAL = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2"}
 
 
 def _pair(name, **patch_kw):
