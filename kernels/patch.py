@@ -304,8 +304,11 @@ def _rope_match(m: nn.Module):
                                                                                              device=p.device)
     emb = torch.cat([ang, ang], -1)[None]
     cos, sin = emb.cos().to(p.dtype), emb.sin().to(p.dtype)
+    def rotate_half(x):  # the layout kernels.rope computes (its tests hold it to this formula)
+        return torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1) * sin[:, None] + x * cos[:, None]
+
     with torch.no_grad():
-        want, got = orig(q, k, cos, sin), rope(q, k, cos, sin)
+        want, got = orig(q, k, cos, sin), (rotate_half(q), rotate_half(k))
     if not (_close(want[0], got[0], p) and _close(want[1], got[1], p)):
         return None, "apply_rotary_pos_emb is not the rotate-half rotation kernels.rope computes"
     new_globals = dict(module_globals)
