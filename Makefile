@@ -62,6 +62,7 @@ test-hf: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench kernels
+	$(PY) -m bench hf
 
 # On a GPU machine (its own python with torch, triton and nvcc): build, GPU tests, GPU benchmarks.
 # STEP=build|test|bench|all; logs go to $$OUT or gpu-results/.
