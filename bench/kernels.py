@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -211,8 +212,6 @@ print(json.dumps(dict(peak=status("VmHWM") - base, seconds=seconds, loss=loss.it
 
 
 def _mem_measure(method, V, N, H, kmod):
-    import subprocess
-
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2 ** 20), PYCOMM_KERNELS_BACKEND="torch",
                TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     proc = subprocess.run([sys.executable, "-c", _MEM_CHILD, method, str(V), str(N), str(H), kmod],
