@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 # operations and the other scenarios' trials; by hand, it takes minutes.
 SOAK ?= 10
 
-.PHONY: test lint test-torch-suite bench soak install clean gpu-check compile-check
+.PHONY: test lint test-torch-suite test-hf bench soak install clean gpu-check compile-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,9 +54,15 @@ TORCH_SUITE_ARGS ?=
 test-torch-suite: $(STAMP)
 	$(PY) tests/torch_suite/runner.py --world-sizes 2 3 $(TORCH_SUITE_ARGS)
 
+# The Hugging Face model tests with the Triton kernels (interpreter) on all eight models and a
+# compiled training step; `make test` runs them on the torch fallback and Triton on one model.
+test-hf: $(STAMP)
+	PYCOMM_TEST_HF_ALL=1 $(PY) -m pytest tests/kernels/test_hf_models.py tests/kernels/test_hf_names.py $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench kernels
+	$(PY) -m bench hf
 
 # Every Triton kernel config compiled for sm_90 and sm_80 without a GPU (bench/compile_check.py):
 # compiles what bench/compile_reports/triton-<version>.json lacks and rewrites it (commit it).
@@ -65,7 +71,7 @@ bench: $(STAMP)
 COMPILE_PY ?= $(PY)
 COMPILE_CHECK_ARGS ?=
 compile-check: $(if $(filter $(PY),$(COMPILE_PY)),$(STAMP))
-	env -u TRITON_INTERPRET $(COMPILE_PY) -m bench.compile_check --update $(COMPILE_CHECK_ARGS)
+	env -u TRITON_INTERPRET $(COMPILE_PY) -m pycomm.bench.compile_check --update $(COMPILE_CHECK_ARGS)
 
 # On a GPU machine (its own python with torch, triton and nvcc): build, GPU tests, GPU benchmarks.
 # STEP=build|test|bench|all; logs go to $$OUT or gpu-results/.

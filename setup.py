@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 here = os.path.dirname(os.path.abspath(__file__))
@@ -102,7 +102,15 @@ class BuildWithCuda(BuildExtension.with_options(use_ninja=True)):
         subprocess.run(cmd, check=True)
 
 
+# Only `pycomm` is a top-level import: the repository's kernels/ and bench/ folders install as
+# pycomm.kernels and pycomm.bench (a top-level `kernels` would shadow Hugging Face's hub-kernels
+# package, which transformers imports).  From a checkout, pycomm/_checkout.py maps the same names
+# (its FOLDERS table is this one).
+PACKAGE_DIRS = {"pycomm.kernels": "kernels", "pycomm.bench": "bench"}
+
 setup(
+    packages=find_packages(include=["pycomm", "pycomm.*"]) + list(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
     ext_modules=[
         CppExtension(
             name="pycomm._C",

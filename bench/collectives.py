@@ -29,7 +29,7 @@ import platform
 import sys
 import time
 
-from bench import mpi as bench_mpi
+from . import mpi as bench_mpi
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "gather", "scatter",
        "all_to_all")

@@ -55,7 +55,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from kernels import _tuning  # noqa: E402
+from pycomm.kernels import _tuning  # noqa: E402
 
 REPORTS = pathlib.Path(__file__).resolve().parent / "compile_reports"
 SIXTEEN_BIT = ("*fp16", "*bf16")
@@ -91,7 +91,7 @@ VOCABS = (32000, 50257)
 
 
 def _mod(name):
-    return importlib.import_module(f"kernels.{name}")
+    return importlib.import_module(f"pycomm.kernels.{name}")
 
 
 def _drive(dtype, matrix, arch):

@@ -58,12 +58,12 @@ def _cpu_correctness(args) -> int:
     print("Running a correctness pass of every op through Triton's interpreter instead.\n")
     # Must precede the first import of triton/kernels: Triton picks interpreter vs compiler when
     # the @triton.jit decorators run.
-    if "kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    if "pycomm.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         print("warning: kernels was imported before TRITON_INTERPRET=1 could be set; the torch fallback may run")
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch.nn.functional as F
 
-    import kernels
+    from pycomm import kernels
 
     g = torch.Generator().manual_seed(0)
 
@@ -223,7 +223,7 @@ def _mem_measure(method, V, N, H, kmod):
 
 def _cpu_memory(args) -> list:
     """Print (and return) the peak-memory table of fused vs unfused LM-head loss on the CPU."""
-    import kernels
+    from pycomm import kernels
 
     if not os.path.exists("/proc/self/clear_refs"):
         print("\nmemory section skipped: needs Linux /proc (VmHWM and clear_refs)")
@@ -355,7 +355,7 @@ def _gpu_benchmark(args) -> int:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import kernels
+    from pycomm import kernels
 
     dev = "cuda"
     bf16 = torch.bfloat16

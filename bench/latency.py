@@ -26,8 +26,9 @@ import torch.distributed as dist
 
 import pycomm
 import pycomm.launch
-from bench import mpi as bench_mpi
-from bench.collectives import machine
+
+from . import mpi as bench_mpi
+from .collectives import machine
 
 PATHS = ("pycomm.all_reduce", "dist.all_reduce (pycomm)", "dist.all_reduce (gloo)")
 ITERS = {PATHS[0]: 20000, PATHS[1]: 5000, PATHS[2]: 500}

@@ -1,7 +1,7 @@
 """Open MPI as an anchor: the same rows as `python -m bench`, timed with mpi4py under mpirun.
 
     python -m bench --anchor mpi        # adds Open MPI's time and busbw to every row
-    mpirun -n 2 python -m bench.mpi '{"ops": ["all_reduce"], "sizes": [8], "dtype": "float32"}'
+    mpirun -n 2 python -m pycomm.bench.mpi '{"ops": ["all_reduce"], "sizes": [8], "dtype": "float32"}'
 
 Open MPI is an anchor, never a dependency: `available()` says whether mpirun and mpi4py
 are installed and, when not, how to get them (Debian: `apt-get install openmpi-bin
@@ -47,7 +47,7 @@ def run(ops: list[str], sizes: list[int], nprocs: int, dtype: str, iters: int | 
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_btl_vader_single_copy_mechanism=os.environ.get(
                    "OMPI_MCA_btl_vader_single_copy_mechanism", "cma"))  # noqa: SIM112 - Open MPI's spelling
-    cmd = ["mpirun", "--oversubscribe", "-n", str(nprocs), sys.executable, "-m", "bench.mpi", cfg]
+    cmd = ["mpirun", "--oversubscribe", "-n", str(nprocs), sys.executable, "-m", "pycomm.bench.mpi", cfg]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if proc.returncode != 0:

@@ -47,10 +47,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels
 import pycomm
 import pycomm.launch
-from pycomm import parallel
+from pycomm import kernels, parallel
 from pycomm.parallel import pipeline
 
 

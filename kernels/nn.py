@@ -18,10 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _amp
 from .layer_norm import layer_norm
 from .matmul import check_activation, matmul
 from .qkv_attention import qkv_attention
 from .rms_norm import rms_norm
+
+_ACTIVATIONS = {None: lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu,
+                "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
 
 
 class Linear(nn.Linear):
@@ -43,8 +47,12 @@ class Linear(nn.Linear):
         return m
 
     def forward(self, x):
+        dt = _amp.matmul_dtype(x, self.weight, self.bias)
+        if dt is None:  # float64 and friends: torch's linear, then the activation
+            return _ACTIVATIONS[self.activation](F.linear(x, self.weight, self.bias))
+        x, w, b = _amp.cast(dt, x, self.weight, self.bias)  # autocast's dtype, as F.linear would
         # weight.t() is a strided view; the matmul kernel reads it in place.
-        return matmul(x, self.weight.t(), self.bias, self.activation)
+        return matmul(x, w.t(), b, self.activation)
 
     def extra_repr(self):
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")

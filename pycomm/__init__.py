@@ -13,9 +13,14 @@
 See README.md for the algorithms, the transports, the cost model and the benchmark, and
 docs/collectives.md for how the layers fit together.
 """
+import importlib
+
 import torch  # noqa: F401  (loads libtorch, which pycomm._C links against)
 
-from pycomm import _C  # noqa: F401
+from pycomm import (
+    _C,  # noqa: F401
+    _checkout,  # noqa: F401  (pycomm.kernels and pycomm.bench from a source checkout)
+)
 from pycomm import c10d as _c10d
 from pycomm.collectives import (
     P2POp,
@@ -50,6 +55,15 @@ from pycomm.tuning import CostModel
 from pycomm.work import Work
 
 _c10d.register()  # torch.distributed.init_process_group("pycomm")
+
+
+
+def __getattr__(name: str):
+    # `import pycomm; pycomm.kernels.patch(...)`: the kernels (and triton) load on first use only.
+    if name in ("kernels", "bench"):
+        return importlib.import_module(f"pycomm.{name}")
+    raise AttributeError(f"module 'pycomm' has no attribute {name!r}")
+
 
 __version__ = "0.2.0"
 __all__ = [

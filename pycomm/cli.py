@@ -72,8 +72,8 @@ def tune(nprocs: int = 2, path: os.PathLike | str | None = None,
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        # The benchmark ships beside pycomm, not inside it: found when present.
-        return importlib.import_module("bench.collectives").main(argv[1:])
+        # pycomm.bench: bench/ in a checkout, inside the package once installed.
+        return importlib.import_module("pycomm.bench.collectives").main(argv[1:])
     parser = argparse.ArgumentParser(prog="pycomm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("bench", help="the collectives benchmark (see pycomm bench --help)")

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from pycomm import kernels
 from pycomm.distributed import Group
 
 from .layers import ColumnParallelLinear, RowParallelLinear

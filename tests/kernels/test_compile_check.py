@@ -21,7 +21,7 @@ REPORTS = ROOT / "bench" / "compile_reports" / f"triton-{triton.__version__}.jso
                     "bench/compile_reports/: run `make compile-check` to make them")
 def test_every_kernel_config_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "bench.compile_check", "--verify", "2", "--max-compile", "4"],
+    run = subprocess.run([sys.executable, "-m", "pycomm.bench.compile_check", "--verify", "2", "--max-compile", "4"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " clean; " in run.stdout

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_numerics import DEVICE, DTYPES, check, randn
 
-import kernels
+from pycomm import kernels
 
 # ---------------------------------------------------------------- fused_add_mul
 

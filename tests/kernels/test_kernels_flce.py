@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from kernel_numerics import DEVICE, check, randn
 
-import kernels
-from kernels import _dispatch
-from kernels.fused_linear_cross_entropy import _chunk_rows
+from pycomm import kernels
+from pycomm.kernels import _dispatch
+from pycomm.kernels.fused_linear_cross_entropy import _chunk_rows
 
 
 @pytest.fixture(params=["triton", "torch"])

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from kernel_numerics import DEVICE, check, dot_dtypes, randn
 
-import kernels
+from pycomm import kernels
 
 ACT = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
        "silu": F.silu}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from kernel_numerics import check, dot_dtypes, randn
 
-tma = importlib.import_module("kernels.matmul_tma")
+tma = importlib.import_module("pycomm.kernels.matmul_tma")
 pytestmark = pytest.mark.skipif(not tma.HAS_DESCRIPTORS, reason="this Triton has no tl.make_tensor_descriptor")
 
 

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from kernel_numerics import DEVICE, check, randn
 
-import kernels
-from kernels import _dispatch
+from pycomm import kernels
+from pycomm.kernels import _dispatch
 
 
 @pytest.fixture(params=["triton", "torch"])

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from kernel_numerics import DEVICE, DTYPES, check, randn
 
-import kernels
+from pycomm import kernels
 
 SHAPES = [(4, 33, 257), (3, 1000), (0, 64)]
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_numerics import DEVICE, DTYPES, check, randn
 
-import kernels
-from kernels import _dispatch
+from pycomm import kernels
+from pycomm.kernels import _dispatch
 
 
 @pytest.fixture(params=["triton", "torch"])

@@ -7,10 +7,10 @@ import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
-from kernels import _tuning
+from pycomm.kernels import _tuning
 
-matmul_mod = importlib.import_module("kernels.matmul")
-attn_mod = importlib.import_module("kernels.flash_attention")
+matmul_mod = importlib.import_module("pycomm.kernels.matmul")
+attn_mod = importlib.import_module("pycomm.kernels.flash_attention")
 
 
 @_tuning.autotune([triton.Config({"BLOCK": 64})], key=["n", "D"], bucketed=["n"])

@@ -94,11 +94,15 @@ def test_example_cli_under_a_minute(tmp_path):
     import subprocess
 
     png = tmp_path / "timeline.png"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(train_gpt.__file__)))
     t0 = time.perf_counter()
     out = subprocess.run(
         [sys.executable, os.path.join(os.path.dirname(train_gpt.__file__), "train_gpt.py"),
          "--pp", "2", "--schedule", "1f1b", "--microbatches", "4", "--steps", "20", "--timeline", str(png)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYCOMM_KERNELS_BACKEND": "torch"},
+        capture_output=True, text=True, timeout=120,
+        # the checkout under test, not whichever pycomm the environment has installed
+        env={**os.environ, "PYCOMM_KERNELS_BACKEND": "torch",
+             "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))},
     )
     elapsed = time.perf_counter() - t0
     assert out.returncode == 0, out.stderr
@@ -113,9 +117,8 @@ TINY = train_gpt.GPTConfig(vocab=16, seq=8, hidden=16, heads=4, kv_heads=2, laye
 
 def job_kernels_forward_backward(tp):
     """One forward+backward of the tiny GPT (embedding, block, head, loss) with each backend."""
-    import kernels
-    from kernels import _interpreter
-    from pycomm import parallel
+    from pycomm import kernels, parallel
+    from pycomm.kernels import _interpreter
 
     torch.set_num_threads(1)
     mesh = parallel.init_mesh(1, tp, 1)
