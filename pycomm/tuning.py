@@ -68,11 +68,13 @@ class CostModel:
     """time per byte moved through the transport"""
     gamma: float = 1 / 12e9
     """time per byte reduced"""
-    copy_alpha: float = 4e-6
+    copy_alpha: float = 10e-6
     """latency of one step when the shared-memory transport sends single-copy: the receiver
     reads the sender's buffer (process_vm_readv) and the sender waits until it has"""
-    copy_beta: float = 1 / 6e9
-    """time per byte moved single-copy"""
+    copy_beta: float = 1 / 10e9
+    """time per byte moved single-copy.  The two defaults put the crossover near 88 KiB
+    (Open MPI's shared-memory transport goes single-copy above 4 KiB); `pycomm tune`
+    measures this machine's"""
     source: str = "defaults"
     """where the constants came from: 'defaults' or the tune file's path"""
 
