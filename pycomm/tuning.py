@@ -71,10 +71,10 @@ class CostModel:
     copy_alpha: float = 10e-6
     """latency of one step when the shared-memory transport sends single-copy: the receiver
     reads the sender's buffer (process_vm_readv) and the sender waits until it has"""
-    copy_beta: float = 1 / 10e9
-    """time per byte moved single-copy.  The two defaults put the crossover near 88 KiB
-    (Open MPI's shared-memory transport goes single-copy above 4 KiB); `pycomm tune`
-    measures this machine's"""
+    copy_beta: float = 1 / 6e9
+    """time per byte moved single-copy.  The defaults never pick single copy: on the 2-core
+    CI machine (loaded) it measured no faster than the slots; `pycomm tune` measures both
+    paths on this machine and single copy is used from the size where it pays"""
     source: str = "defaults"
     """where the constants came from: 'defaults' or the tune file's path"""
 
