@@ -14,7 +14,7 @@ CSRC   := $(shell find csrc -type f 2>/dev/null)
 NVCC   := $(shell command -v nvcc 2>/dev/null)
 PYCOMM_CUDA ?= $(if $(NVCC),1,auto)
 PYTEST_ARGS ?=
-BENCH_ARGS ?=
+BENCH_ARGS ?= --repeat 3
 # `make soak`: the fault battery (tests/collectives/test_faults.py) with SOAK times the soak's
 # operations and the other scenarios' trials; by hand, it takes minutes.
 SOAK ?= 10

@@ -3,7 +3,8 @@
     python -m bench [--nprocs 2] [-b 8] [-e 64M] [-f 2] [--dtype float32] [--device cpu|cuda]
                     [--hosts H]
                     [--algorithms ring,tree,auto] [--ops all_reduce,reduce_scatter,all_gather]
-                    [--iters N] [--warmup N] [--no-gloo] [--json PATH] [--plot PATH]
+                    [--iters N] [--warmup N] [--repeat N] [--anchor mpi] [--no-gloo]
+                    [--json PATH] [--plot PATH]
 
 Rows follow nccl-tests: size (bytes of the whole buffer: the all-reduce tensor, the
 reduce-scatter input, the all-gather output), count (elements of that buffer), type, redop,
@@ -12,6 +13,13 @@ algbw x 2(n-1)/n for all-reduce, x (n-1)/n for reduce-scatter and all-gather (GB
 and #wrong: elements that differ from the exact expected result (inputs are small integers,
 so every result is exact).  Gloo runs the same sizes in the same processes, in the same
 run, and the last columns give its time, busbw and pycomm's speed-up over it.
+
+On a CPU every row also times one single-threaded memcpy of the buffer (memcpy GB/s, and
+bus/mc = busbw / memcpy) and reads the scheduler's counters around the timed loop (wait%:
+share of the row's time the slowest rank sat on the run queue, ready but not running;
+ivcsw: involuntary context switches per call), so a row that collapses shows whether the
+machine took the core away.  --repeat N runs the whole sweep N times, each repeat pycomm,
+gloo (row by row) and Open MPI (its sweep), and prints the median busbw with min-max.
 
 With --device cuda the tensors live on the GPU (rank r on GPU r % device_count: several
 ranks share one GPU when there are more ranks than GPUs, over CUDA IPC), gloo is left
@@ -26,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -103,6 +112,39 @@ def _verifiable(op, rank, n_ranks, count, dtype):
     return inp, torch.empty_like(inp), torch.cat([block(j * n_ranks + rank, per) for j in range(n_ranks)])
 
 
+def _sched() -> tuple[float, float, float, float]:
+    """This thread's (cpu ns, run-queue wait ns, voluntary and involuntary context
+    switches) from /proc: where a rank's time went while a row was timed.  Waiting on the
+    run queue (ready, but another process had the core) is the machine's load, not pycomm's;
+    zeros where /proc lacks them."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            cpu, wait, _ = (float(x) for x in f.read().split())
+        with open("/proc/thread-self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if "ctxt_switches" in line)
+        return (cpu, wait, float(fields["voluntary_ctxt_switches"]),
+                float(fields["nonvoluntary_ctxt_switches"]))
+    except (OSError, ValueError, KeyError):
+        return (0.0, 0.0, 0.0, 0.0)
+
+
+def _memcpy_seconds(nbytes: int, iters: int) -> float:
+    """One single-threaded memcpy (libc, through ctypes.memmove) of `nbytes` between two
+    buffers already touched: the memory bandwidth one core gets, the anchor of the targets."""
+    import ctypes
+
+    import torch
+
+    a = torch.ones(max(nbytes, 1), dtype=torch.uint8)
+    b = torch.zeros_like(a)
+    for _ in range(2):
+        ctypes.memmove(b.data_ptr(), a.data_ptr(), nbytes)
+    start = time.perf_counter()
+    for _ in range(iters):
+        ctypes.memmove(b.data_ptr(), a.data_ptr(), nbytes)
+    return (time.perf_counter() - start) / iters
+
+
 def _pycomm_call(op, inp, out, algorithm):
     """The pycomm call of one row (a callable, timed as is)."""
     import pycomm
@@ -166,16 +208,25 @@ def _rank_main(cfg: dict):
         pycomm.all_reduce(t, op="max")
         return t.item()
 
+    counters: dict = {}  # the last timed() call's, worst rank: wait_us, csw (per iteration)
+
     def timed(fn, iters, warmup):
         for _ in range(warmup):
             fn()
         sync()
         pycomm.barrier()
+        before = _sched()
         start = time.perf_counter()
         for _ in range(iters):
             fn()
         sync()
-        return slowest((time.perf_counter() - start) / iters)
+        seconds = time.perf_counter() - start
+        after = _sched()
+        c = torch.tensor([(b - a) / iters for a, b in zip(before, after)], dtype=torch.float64)
+        pycomm.all_reduce(c, op="max")
+        counters.update(cpu_us=c[0].item() / 1e3, wait_us=c[1].item() / 1e3, vcsw=c[2].item(),
+                        ivcsw=c[3].item())
+        return slowest(seconds / iters)
 
     def copy_seconds(nbytes: int, iters: int) -> float:
         """The anchor on a GPU: one device-to-device copy of the buffer, rank 0 alone."""
@@ -221,17 +272,23 @@ def _rank_main(cfg: dict):
             nbytes = count * esize
             iters = _iters_for(nbytes, cfg["iters"])
             inp, out, want = (t.to(dev) if t is not None else None for t in _verifiable(op, rank, n, count, dtype))
-            row_gloo = None
+            row_gloo, gloo_sched = None, {}
             copy_s = copy_seconds(nbytes, iters) if cuda else None
+            memcpy_s = None
+            if not cuda:  # on rank 0 alone, the others wait in the barrier
+                memcpy_s = slowest(_memcpy_seconds(nbytes, iters) if rank == 0 else 0.0)
+                pycomm.barrier()
             if cfg["gloo"]:
                 try:
                     row_gloo = timed(_gloo_call(op, inp.clone(), out.clone(), n), iters, cfg["warmup"])
+                    gloo_sched = {f"gloo_{k}": v for k, v in counters.items()}
                 except RuntimeError as e:  # an op gloo does not implement
                     row_gloo = str(e).splitlines()[0]
             for algorithm in cfg["algorithms"]:
                 if op == "all_to_all" and algorithm != cfg["algorithms"][0]:
                     continue  # one algorithm (pairwise)
                 seconds = timed(_pycomm_call(op, inp.clone(), out, algorithm), iters, cfg["warmup"])
+                sched = dict(counters)
                 # Check once, outside the timing, on fresh inputs.
                 chk_in, chk_out, chk_want = (t.to(dev) if t is not None else None
                                              for t in _verifiable(op, rank, n, count, dtype))
@@ -248,11 +305,13 @@ def _rank_main(cfg: dict):
                 row = dict(op=op, size=nbytes, count=count, type=cfg["dtype"],
                            redop="sum" if op in REDUCES else "none", algorithm=chosen,
                            time_us=seconds * 1e6, algbw=algbw, busbw=algbw * BUS_FACTOR[op](n),
-                           wrong=int(wrong.item()), iters=iters)
+                           wrong=int(wrong.item()), iters=iters, **sched)
+                if memcpy_s:
+                    row.update(memcpy_gbps=nbytes / memcpy_s / 1e9)
                 if isinstance(row_gloo, float):
                     row.update(gloo_time_us=row_gloo * 1e6,
                                gloo_busbw=nbytes / row_gloo / 1e9 * BUS_FACTOR[op](n),
-                               speedup=row_gloo / seconds)
+                               speedup=row_gloo / seconds, **gloo_sched)
                 elif row_gloo is not None:
                     row.update(gloo_error=row_gloo)
                 if copy_s:
@@ -270,6 +329,34 @@ def _rank_main(cfg: dict):
     return rows if rank == 0 else None
 
 
+_SPREAD = ("busbw", "gloo_busbw", "mpi_busbw", "memcpy_gbps")
+
+
+def combine(runs: list[list[dict]]) -> list[dict]:
+    """One row per row of the sweep from `runs` (the repeats): the median repeat's
+    measurements (by busbw), with min, median and max of every bandwidth, and the ratios
+    taken between medians.  #wrong adds up over the repeats."""
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for same in zip(*runs):
+        by_busbw = sorted(same, key=lambda r: r["busbw"])
+        row = dict(by_busbw[len(by_busbw) // 2])
+        row["wrong"] = sum(r["wrong"] for r in same)
+        row["repeats"] = len(same)
+        for key in _SPREAD:
+            vals = sorted(r[key] for r in same if key in r)
+            if vals:
+                row.update({f"{key}_min": vals[0], f"{key}_max": vals[-1], f"{key}_runs": vals,
+                            key: statistics.median(vals)})
+        if "gloo_busbw" in row:
+            row["speedup"] = row["busbw"] / row["gloo_busbw"]
+        if "mpi_busbw" in row:
+            row["vs_mpi"] = row["busbw"] / row["mpi_busbw"]
+        out.append(row)
+    return out
+
+
 def format_table(rows: list[dict], nprocs: int) -> str:
     out = []
     for op in OPS:
@@ -279,9 +366,13 @@ def format_table(rows: list[dict], nprocs: int) -> str:
         out.append(f"# {op} on {nprocs} processes ({sel[0]['type']})")
         anchor = ("copy(us)", "GB/s", "bus/cp") if "copy_gbps" in sel[0] else ("gloo(us)", "busbw", "speedup")
         mpi_head = f" | {'mpi(us)':>10} {'busbw':>7} {'vs mpi':>7}" if "mpi_time_us" in sel[0] else ""
+        spread = "busbw_min" in sel[0]
+        extra_head = f" | {'min-max busbw':>13}" if spread else ""
+        if "memcpy_gbps" in sel[0]:
+            extra_head += f" | {'memcpy':>7} {'bus/mc':>6} {'wait%':>5} {'ivcsw':>5}"
         out.append(f"#{'size':>11} {'count':>10} {'type':>8} {'redop':>5} {'algo':>10} {'time(us)':>10} "
                    f"{'algbw':>7} {'busbw':>7} {'#wrong':>6} | {anchor[0]:>10} {anchor[1]:>7} {anchor[2]:>7}"
-                   f"{mpi_head}")
+                   f"{mpi_head}{extra_head}")
         for r in sel:
             if "copy_gbps" in r:  # on a GPU: the copy anchor, and busbw as a fraction of it
                 gloo = f"{r['copy_us']:10.1f} {r['copy_gbps']:7.1f} {r['busbw_vs_copy']:6.2f}x"
@@ -292,8 +383,16 @@ def format_table(rows: list[dict], nprocs: int) -> str:
             mpi = ""
             if "mpi_time_us" in r:
                 mpi = f" | {r['mpi_time_us']:10.1f} {r['mpi_busbw']:7.2f} {r['vs_mpi']:6.2f}x"
+            extra = f" | {r['busbw_min']:6.2f}-{r['busbw_max']:<6.2f}" if spread else ""
+            if "memcpy_gbps" in r:
+                # wait%: the share of the row's time its slowest rank spent ready but not
+                # running (another process had the core); ivcsw: involuntary switches per call
+                wait = 100 * r.get("wait_us", 0.0) / max(r["time_us"], 1e-9)
+                extra += (f" | {r['memcpy_gbps']:7.2f} {r['busbw'] / r['memcpy_gbps']:6.2f} "
+                          f"{wait:5.0f} {r.get('ivcsw', 0.0):5.1f}")
             out.append(f" {r['size']:11d} {r['count']:10d} {r['type']:>8} {r['redop']:>5} {r['algorithm']:>10} "
-                       f"{r['time_us']:10.1f} {r['algbw']:7.2f} {r['busbw']:7.2f} {r['wrong']:6d} | {gloo}{mpi}")
+                       f"{r['time_us']:10.1f} {r['algbw']:7.2f} {r['busbw']:7.2f} {r['wrong']:6d} | {gloo}{mpi}"
+                       f"{extra}")
         wrong = sum(r["wrong"] for r in sel)
         out.append(f"# Out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}")
         out.append(f"# Avg bus bandwidth    : {sum(r['busbw'] for r in sel) / len(sel):.3f} GB/s")
@@ -316,14 +415,22 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     for ax, op in zip(axes.flat, ops):
         sel = [r for r in rows if r["op"] == op]
         for algo in dict.fromkeys(r["algorithm"].split(":")[0] for r in sel):
-            pts = [(r["size"], r["busbw"]) for r in sel if r["algorithm"].split(":")[0] == algo]
-            ax.plot(*zip(*pts), marker="o", label=f"pycomm {algo}")
+            mine = [r for r in sel if r["algorithm"].split(":")[0] == algo]
+            line, = ax.plot([r["size"] for r in mine], [r["busbw"] for r in mine], marker="o",
+                            label=f"pycomm {algo}" + (" (median)" if "busbw_min" in mine[0] else ""))
+            if "busbw_min" in mine[0]:  # the spread of the repeats
+                ax.fill_between([r["size"] for r in mine], [r["busbw_min"] for r in mine],
+                                [r["busbw_max"] for r in mine], color=line.get_color(), alpha=0.2)
         seen = {}
         for r in sel:
             if "gloo_busbw" in r:
                 seen[r["size"]] = r["gloo_busbw"]
         if seen:
             ax.plot(list(seen), list(seen.values()), marker="s", color="black", linestyle="--", label="gloo")
+        for key, label, style in (("mpi_busbw", "Open MPI", ":"), ("memcpy_gbps", "memcpy (1 thread)", "-.")):
+            pts = {r["size"]: r[key] for r in sel if key in r}
+            if pts:
+                ax.plot(list(pts), list(pts.values()), color="gray", linestyle=style, label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("size (bytes)")
@@ -351,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", "-o", default=",".join(OPS), help="comma-separated collectives")
     p.add_argument("--iters", "-i", type=int, default=None, help="iterations per size (default: by size)")
     p.add_argument("--warmup", "-w", type=int, default=3)
+    p.add_argument("--repeat", "-r", type=int, default=1,
+                   help="run the sweep N times (with gloo and Open MPI interleaved) and print the "
+                        "median busbw with min and max (default 1)")
     p.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
     p.add_argument("--anchor", default="", choices=["", "mpi"],
                    help="mpi: also time every row with Open MPI (mpirun + mpi4py) in this run")
@@ -445,21 +555,32 @@ def main(argv=None) -> int:
                    algorithms=algorithms, iters=args.iters, warmup=args.warmup,
                    gloo=not args.no_gloo and args.device == "cpu", device=args.device,
                    gloo_store=os.path.join(tmp, "gloo"), progress=not args.no_progress)
-        rows = pycomm.launch.run(_rank_main, args.nprocs, args=(cfg,), collective_timeout=300,
-                                 hosts=args.hosts)[0]
-    if args.anchor == "mpi":
-        ok, why = bench_mpi.available()
-        if not ok:
+        mpi_ok, why = bench_mpi.available() if args.anchor == "mpi" else (False, "")
+        if args.anchor == "mpi" and not mpi_ok:
             print(f"# no Open MPI rows: {why}", flush=True)
-        else:
-            print("# timing the same rows with Open MPI (mpirun, mpi4py)...", flush=True)
-            times = bench_mpi.run(ops, cfg["sizes"], args.nprocs, args.dtype, args.iters)
-            for r in rows:
-                t = times.get((r["op"], r["size"]))
-                if t:
-                    r.update(mpi_time_us=t * 1e6, mpi_busbw=r["size"] / t / 1e9 * BUS_FACTOR[r["op"]](args.nprocs),
-                             vs_mpi=t * 1e6 / r["time_us"])
+        runs = []
+        # Each repeat is a whole sweep: pycomm and gloo row by row in the same processes,
+        # then Open MPI's sweep, so a slow spell of the machine hits all of them alike.
+        for rep in range(args.repeat):
+            if args.repeat > 1:
+                print(f"# repeat {rep + 1} of {args.repeat}", flush=True)
+            rows = pycomm.launch.run(_rank_main, args.nprocs, args=(cfg,), collective_timeout=300,
+                                     hosts=args.hosts)[0]
+            if mpi_ok:
+                print("# timing the same rows with Open MPI (mpirun, mpi4py)...", flush=True)
+                times = bench_mpi.run(ops, cfg["sizes"], args.nprocs, args.dtype, args.iters,
+                                      repeat=1 if args.repeat > 1 else 3)
+                for r in rows:
+                    t = times.get((r["op"], r["size"]))
+                    if t:
+                        r.update(mpi_time_us=t * 1e6,
+                                 mpi_busbw=r["size"] / t / 1e9 * BUS_FACTOR[r["op"]](args.nprocs),
+                                 vs_mpi=t * 1e6 / r["time_us"])
+            runs.append(rows)
+        if mpi_ok:
             info["mpi"] = bench_mpi.version()
+        rows = combine(runs)
+    info["repeat"] = args.repeat
     print(format_table(rows, args.nprocs))
     for op in ops:
         for target in (16 << 20, 64 << 20):

@@ -89,6 +89,15 @@ PYBIND11_MODULE(_C, m) {
            "[(group rank, why)] of the peers that exited, left the group or are stopped")
       .def_static("reap_if_stale", &ShmTransport::reapIfStale, py::arg("name"))
       .def("_corrupt_for_test", &ShmTransport::corruptForTest, py::arg("what"))
+      .def("set_single_copy", &ShmTransport::setSingleCopy, py::arg("min_bytes"),
+           "before attach: sends of at least min_bytes go single-copy (2**64-1: never)")
+      .def_property_readonly("single_copy_from", &ShmTransport::singleCopyFrom)
+      .def_property_readonly("can_read_peers", &ShmTransport::canReadPeers,
+                             "whether the start-up probe could read every peer's memory")
+      .def_property_readonly("single_copy_why", &ShmTransport::singleCopyWhy,
+                             "why the probe failed ('' if it did not)")
+      .def_property_readonly("single_copy_sent", &ShmTransport::singleCopySent,
+                             "bytes this rank has sent single-copy")
 ;
 
   py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
@@ -266,6 +275,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("coll"), py::arg("bytes"), py::arg("size"), py::arg("alpha"), py::arg("beta"),
       py::arg("gamma"), "the algorithm code the cost model picks (the cheapest; the first on ties)");
   m.def("tree_depth", &treeDepth, py::arg("size"));
+  m.def("single_copy_from", &singleCopyFrom, py::arg("alpha"), py::arg("beta"), py::arg("copy_alpha"),
+        py::arg("copy_beta"), "smallest send the shm transport sends single-copy (algorithms/cost.h)");
   m.def(
       "algo_override",
       [](const std::string& setting, int coll) { return int(algoOverride(setting, Coll(coll))); },

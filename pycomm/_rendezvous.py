@@ -28,6 +28,7 @@ from pycomm._settings import Settings
 from pycomm.errors import CommError, CommTimeoutError
 
 _SEGMENT_RE = re.compile(r"^pycomm-[0-9a-f]{16}-[a-z0-9]+-r\d+$")
+NEVER = tuning.NEVER
 TOKEN_RE = re.compile(r"^[0-9a-f]{16}$")
 LAYOUT_RE = re.compile(r"^[0-9]{1,12},[0-9]{1,6}$")  # a rank's shared-memory layout: slot bytes, slots
 
@@ -155,8 +156,19 @@ def wait_keys(store: dist.Store, keys: dict[str, int], timeout: float, what: str
         ) from e
 
 
+def single_copy_from(settings: Settings, model: tuning.CostModel) -> int:
+    """Smallest send that goes single-copy (PYCOMM_SHM_SINGLE_COPY; 'auto': the cost
+    model's crossover); NEVER for none."""
+    if settings.shm_single_copy == "never":
+        return NEVER
+    if settings.shm_single_copy == "always":
+        return 1
+    return model.single_copy_from()
+
+
 def shm_transport(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, ...], token: str,
-                  timeout: float, label: str, settings: Settings) -> _C.ShmTransport:
+                  timeout: float, label: str, settings: Settings,
+                  model: tuning.CostModel) -> _C.ShmTransport:
     """The shared-memory set-up of one group (see the module docstring); every member
     calls it with the same prefix, token and label.  `ranks` (global ranks) name peers in
     errors."""
@@ -169,6 +181,7 @@ def shm_transport(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, .
         slots=settings.shm_slots,
         lanes=3,  # two for the double binary tree, one for point-to-point messages
     )
+    transport.set_single_copy(single_copy_from(settings, model))
     mine = (settings.shm_slot_bytes, settings.shm_slots)
     layout = f"{mine[0]},{mine[1]}"
     try:

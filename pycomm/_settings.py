@@ -72,6 +72,9 @@ class Settings:
     """PYCOMM_SHM_SLOT_BYTES: bytes of one shared-memory piece; every rank must agree"""
     shm_slots: int = 4
     """PYCOMM_SHM_SLOTS: pieces in flight per peer and lane; every rank must agree"""
+    shm_single_copy: str = "auto"
+    """PYCOMM_SHM_SINGLE_COPY: 'auto' (single-copy sends from the size the cost model says),
+    'always' or 'never' (slots only); single copy needs the start-up probe to succeed"""
     host_id: str = ""
     """PYCOMM_HOST_ID: overrides the host identity that groups ranks into hosts"""
     cuda_transport: str = "auto"
@@ -105,6 +108,7 @@ class Settings:
             tune_file=_text("PYCOMM_TUNE_FILE"),
             shm_slot_bytes=_int("PYCOMM_SHM_SLOT_BYTES", 256 * 1024, minimum=4096),
             shm_slots=_int("PYCOMM_SHM_SLOTS", 4, minimum=2),
+            shm_single_copy=_choice("PYCOMM_SHM_SINGLE_COPY", ("auto", "always", "never"), "auto"),
             host_id=_text("PYCOMM_HOST_ID"),
             cuda_transport=_choice("PYCOMM_CUDA_TRANSPORT", ("auto", "ipc", "nccl"), "auto"),
             cuda_oneshot_bytes=_int("PYCOMM_CUDA_ONESHOT_BYTES", 256 * 1024),

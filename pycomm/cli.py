@@ -57,12 +57,18 @@ def tune(nprocs: int = 2, path: os.PathLike | str | None = None,
     while s <= max_bytes:
         sizes.append(s)
         s *= 4
-    rows = pycomm.launch.run(measure_rank, nprocs, args=(sizes, 0.05), collective_timeout=120)[0]
+    # The slot path and the single-copy path, each forced, fit their own alpha and beta.
+    rows = pycomm.launch.run(measure_rank, nprocs, args=(sizes, 0.05), collective_timeout=120,
+                             env={"PYCOMM_SHM_SINGLE_COPY": "never"})[0]
+    copy_rows = pycomm.launch.run(measure_rank, nprocs, args=(sizes, 0.05), collective_timeout=120,
+                                  env={"PYCOMM_SHM_SINGLE_COPY": "always"})[0]
     out = Path(path) if path else tuning.default_path(Settings.from_env().tune_file)
-    model = tuning.fit(rows, nprocs, source=str(out))
+    model = tuning.fit_single_copy(tuning.fit(rows, nprocs, source=str(out)), copy_rows, nprocs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "model": {"alpha": model.alpha, "beta": model.beta, "gamma": model.gamma},
+        "model": {"alpha": model.alpha, "beta": model.beta, "gamma": model.gamma,
+                  "copy_alpha": model.copy_alpha, "copy_beta": model.copy_beta},
+        "single_copy_measurements": copy_rows,
         "nprocs": nprocs, "host": platform.node(), "cpus": os.cpu_count(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "measurements": rows,
     }, indent=1))

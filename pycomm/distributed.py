@@ -85,7 +85,7 @@ class Context:
         cpu: Backend
         if len(set(g.hosts)) == 1:
             transport = _rendezvous.shm_transport(self.store, prefix, g.rank, ranks, token,
-                                                  self.timeout, f"g{gid}", self.settings)
+                                                  self.timeout, f"g{gid}", self.settings, self.model)
             cpu = ShmBackend(g, transport)
             barrier = cpu._barrier
         else:

@@ -68,6 +68,13 @@ class CostModel:
     """time per byte moved through the transport"""
     gamma: float = 1 / 12e9
     """time per byte reduced"""
+    copy_alpha: float = 10e-6
+    """latency of one step when the shared-memory transport sends single-copy: the receiver
+    reads the sender's buffer (process_vm_readv) and the sender waits until it has"""
+    copy_beta: float = 1 / 6e9
+    """time per byte moved single-copy.  The defaults never pick single copy: on the 2-core
+    CI machine (loaded) it measured no faster than the slots; `pycomm tune` measures both
+    paths on this machine and single copy is used from the size where it pays"""
     source: str = "defaults"
     """where the constants came from: 'defaults' or the tune file's path"""
 
@@ -97,6 +104,12 @@ class CostModel:
         it makes one, else the model's."""
         return algorithm_override(collective, setting) or self.choose(collective, nbytes, p)
 
+    def single_copy_from(self) -> int:
+        """Smallest send (bytes) the shared-memory transport sends single-copy: where
+        copy_alpha + n copy_beta undercuts alpha + n beta (NEVER if nowhere); the same
+        formula as csrc/algorithms/cost.cpp, which computes it."""
+        return _C.single_copy_from(self.alpha, self.beta, self.copy_alpha, self.copy_beta)
+
     def crossover(self, collective: str, p: int) -> int:
         """Largest power-of-two size in bytes for which the tree is chosen (0: never)."""
         best = 0
@@ -112,6 +125,8 @@ class CostModel:
             f"alpha = {self.alpha * 1e6:.2f} us/step, "
             f"beta = {1 / self.beta / 1e9:.2f} GB/s moved, "
             f"gamma = {1 / self.gamma / 1e9:.2f} GB/s reduced   ({self.source})",
+            f"single copy: alpha = {self.copy_alpha * 1e6:.2f} us/step, beta = "
+            f"{1 / self.copy_beta / 1e9:.2f} GB/s moved; used from {_from_text(self.single_copy_from())}",
             "formulas (n bytes, p ranks, D tree depth, L = ceil(log2 p)):",
         ]
         for row in _C.TABLE:
@@ -135,16 +150,31 @@ class CostModel:
         try:
             data = json.loads(text)
             m = cls(alpha=float(data["alpha"]), beta=float(data["beta"]),
-                    gamma=float(data["gamma"]), source=str(data.get("source", "?"))[:512])
+                    gamma=float(data["gamma"]), source=str(data.get("source", "?"))[:512],
+                    **_copy_constants(data))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ValueError(f"not a pycomm cost model: {text[:80]!r}") from None
-        if not all(math.isfinite(x) and x > 0 for x in (m.alpha, m.beta, m.gamma)):
+        if not all(math.isfinite(x) and x > 0 for x in (m.alpha, m.beta, m.gamma, m.copy_alpha, m.copy_beta)):
             raise ValueError(f"cost model constants must be finite and positive: {text[:80]!r}")
         return m
 
 
+NEVER = (1 << 64) - 1
+"""single_copy_from() when single copy never pays (SIZE_MAX on the C++ side)"""
+
+
+def _copy_constants(data: dict) -> dict:
+    """The single-copy constants of a model's JSON; a file from before they existed keeps
+    the defaults."""
+    return {k: float(data[k]) for k in ("copy_alpha", "copy_beta") if k in data}
+
+
 def _size_text(crossover: int) -> str:
     return {0: "never", 1 << 40: "always"}.get(crossover, str(crossover))
+
+
+def _from_text(minimum: int) -> str:
+    return {NEVER: "never", 1: "every size"}.get(minimum, f"{minimum} B")
 
 
 def load(path: os.PathLike | str | None = None) -> CostModel:
@@ -154,10 +184,10 @@ def load(path: os.PathLike | str | None = None) -> CostModel:
         data = json.loads(p.read_text())
         model = data.get("model", data)
         m = CostModel(alpha=float(model["alpha"]), beta=float(model["beta"]),
-                      gamma=float(model["gamma"]), source=str(p))
+                      gamma=float(model["gamma"]), source=str(p), **_copy_constants(model))
     except (OSError, ValueError, KeyError, TypeError):
         return CostModel()
-    if not all(math.isfinite(x) and x > 0 for x in (m.alpha, m.beta, m.gamma)):
+    if not all(math.isfinite(x) and x > 0 for x in (m.alpha, m.beta, m.gamma, m.copy_alpha, m.copy_beta)):
         return CostModel()
     return m
 
@@ -184,3 +214,11 @@ def fit(rows: list[dict], p: int, source: str = "fit") -> CostModel:
     # keep it positive and small rather than let it flip the choice.
     return CostModel(alpha=float(max(alpha, 1e-7)), beta=float(max(beta, 1e-12)),
                      gamma=float(max(gamma, 1e-12)), source=source)
+
+
+def fit_single_copy(slot: CostModel, rows: list[dict], p: int) -> CostModel:
+    """`slot` (fitted on the slot path) with copy_alpha and copy_beta fitted to the same
+    measurements taken with every send single-copy (PYCOMM_SHM_SINGLE_COPY=always); gamma
+    is the slot fit's, since a reduction costs the same whichever way its bytes came."""
+    copy = fit(rows, p)
+    return dataclasses.replace(slot, copy_alpha=copy.alpha, copy_beta=copy.beta)

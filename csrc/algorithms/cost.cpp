@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
+#include <cstdint>
 #include <sstream>
 #include <stdexcept>
 
@@ -34,6 +36,13 @@ Algo choose(const CostModel& m, Coll coll, double bytes, int size) {
     if (t < bestTime) best = e.algo, bestTime = t;
   }
   return best;
+}
+
+size_t singleCopyFrom(double alpha, double beta, double copyAlpha, double copyBeta) {
+  if (copyAlpha <= alpha && copyBeta <= beta) return 1;  // never dearer
+  if (copyBeta >= beta) return SIZE_MAX;                 // dearer per byte: loses for large n
+  const double n = std::ceil((copyAlpha - alpha) / (beta - copyBeta));
+  return n >= double(SIZE_MAX) ? SIZE_MAX : std::max<size_t>(1, size_t(n));
 }
 
 namespace {

@@ -2,6 +2,7 @@
 // algorithms by the formulas in its row of the collective table (collectives.h).
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 #include "common.h"
@@ -18,6 +19,12 @@ int treeDepth(int size);
 // Predicted seconds of `coll` with `algo` on `size` ranks for `bytes` (the row's buffer).
 double predict(const CostModel& m, Coll coll, Algo algo, double bytes, int size);
 Algo choose(const CostModel& m, Coll coll, double bytes, int size);
+
+// The shared-memory transport's two protocols for one send of n bytes: through the slots,
+// alpha + n beta (the sender copies into a slot, the receiver out of it), or single copy,
+// copyAlpha + n copyBeta (the receiver reads the sender's buffer; the sender waits until
+// it has).  Returns the smallest n for which single copy is cheaper, SIZE_MAX if none.
+size_t singleCopyFrom(double alpha, double beta, double copyAlpha, double copyBeta);
 
 // PYCOMM_ALGO: "ring", "tree", or per collective like NCCL_ALGO:
 // "allreduce:tree;allgather:ring" (names: the rows' `setting`).  A single algorithm applies

@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,15 +23,17 @@ namespace pycomm {
 
 namespace {
 
-// "pycomm02": the header grew the fields peers read to explain a failure (who waits for
-// whom, leaving); a segment of an older build is not mistaken for one of this layout.
-constexpr uint64_t kMagic = 0x32306d6d6f637970ULL;
+// "pycomm03": the header grew the fields of single-copy transfers (where it is mapped in
+// its owner, whether its owner can read its peers); a segment of an older build is not
+// mistaken for one of this layout.
+constexpr uint64_t kMagic = 0x33306d6d6f637970ULL;
 constexpr size_t kPieceHeader = 64;
 constexpr size_t kHeaderBytes = 4096;
 
 struct PieceHeader {
   OpDesc desc;
   uint64_t bytes;
+  uint64_t remote;  // 0: the bytes follow in the slot; else their address in the sender
 };
 static_assert(sizeof(PieceHeader) <= kPieceHeader, "piece header fits its slot prefix");
 
@@ -127,6 +130,11 @@ struct alignas(64) ShmTransport::Header {
   // Set once this rank left the group alive (ShmTransport::leave).
   alignas(64) uint32_t left;
   char leftWhy[128];
+  // Single copy: this header's address in its owner's memory (what a peer's start-up probe
+  // reads), and 1 once its owner could read every peer's memory (so peers may hand it
+  // addresses instead of bytes).
+  alignas(64) uint64_t base;
+  uint32_t canRead;
 };
 
 // head and tail on separate cache lines: the sender writes one, the receiver the other.
@@ -195,6 +203,8 @@ ShmTransport::ShmTransport(int rank, int size, const std::string& name, ShmOptio
   h->startTime = start;
   h->blame = h->blameBy = h->waitingOn = -1;
   h->sinceNs = h->beatNs = nowNs();
+  h->base = reinterpret_cast<uint64_t>(h);
+  inflight_.resize(size_t(size) * opt.lanes);
   storeRelease(&h->magic, kMagic);
 }
 
@@ -287,6 +297,76 @@ void ShmTransport::attach(const std::vector<std::string>& names, Clock::time_poi
     if (p == MAP_FAILED) throw CommError(me + errnoText("mmap of " + peer));
     maps_[r] = {static_cast<char*>(p), bytes_};
   }
+  probePeers();
+}
+
+// Reads each peer's magic number out of its own memory, as single-copy receives will read
+// its buffers.  The kernel allows it between processes of one user unless Yama's
+// ptrace_scope (>= 1: only descendants), a seccomp filter or a container without
+// CAP_SYS_PTRACE forbids it, or the peer is in another pid namespace; then this rank
+// receives through the slots only, and its peers see canRead == 0 and send it bytes.
+void ShmTransport::probePeers() {
+  canRead_ = true;
+  readWhy_.clear();
+  for (int r = 0; r < size_ && canRead_; ++r) {
+    if (r == rank_) continue;
+    const Header* h = header(r);
+    uint64_t magic = 0;
+    struct iovec local{&magic, sizeof(magic)};
+    struct iovec remote{reinterpret_cast<void*>(h->base), sizeof(magic)};
+    ssize_t got = process_vm_readv(pid_t(h->pid), &local, 1, &remote, 1, 0);
+    if (got == ssize_t(sizeof(magic)) && magic == kMagic) continue;
+    canRead_ = false;
+    std::string why = got < 0 ? std::strerror(errno) : "it read back something else";
+    if (got < 0 && errno == EPERM) {
+      std::ifstream scope("/proc/sys/kernel/yama/ptrace_scope");
+      int level = -1;
+      if (scope >> level)
+        why += " (kernel.yama.ptrace_scope=" + std::to_string(level) + "; 0 allows it)";
+      else
+        why += " (a container without CAP_SYS_PTRACE, or a seccomp filter, forbids it)";
+    } else if (got < 0 && errno == ESRCH) {
+      why += " (the peer is in another pid namespace, or gone)";
+    } else if (got < 0 && errno == ENOSYS) {
+      why += " (the kernel lacks cross-memory attach)";
+    }
+    readWhy_ = "process_vm_readv of rank " + std::to_string(r) + " (pid " + std::to_string(h->pid) +
+               ") failed: " + why;
+  }
+  if (size_ == 1) readWhy_ = "no peers";
+  const bool wanted = singleCopyFrom_ != SIZE_MAX;  // PYCOMM_SHM_SINGLE_COPY=never: neither way
+  __atomic_store_n(&header(rank_)->canRead, canRead_ && wanted ? 1u : 0u, __ATOMIC_RELEASE);
+}
+
+void ShmTransport::readPeer(int peer, const OpDesc& desc, char* dst, uint64_t remote, size_t n) {
+  const Header* h = header(peer);
+  while (n > 0) {
+    struct iovec local{dst, n};
+    struct iovec from{reinterpret_cast<void*>(remote), n};
+    ssize_t got = process_vm_readv(pid_t(h->pid), &local, 1, &from, 1, 0);
+    if (got > 0) {
+      dst += got;
+      remote += uint64_t(got);
+      n -= size_t(got);
+      continue;
+    }
+    const int e = got < 0 ? errno : EFAULT;
+    if (e == EINTR) continue;
+    const std::string me = "rank " + std::to_string(rank_);
+    const std::string who = "rank " + std::to_string(peer) + " (pid " + std::to_string(h->pid) + ")";
+    std::string gone = goneWhy(peer);
+    if (e == ESRCH || !gone.empty()) {
+      if (gone.empty()) gone = who + " exited";
+      fail("pycomm: " + describe(desc) + " on " + me + " failed: " + gone +
+               " while this rank was reading its data (single copy)",
+           0, Blame{peer, gone + activity(peer)});
+    }
+    errno = e;
+    std::string why = who + "'s memory cannot be read any more: " + errnoText("process_vm_readv");
+    fail("pycomm: " + describe(desc) + " on " + me + " failed: " + why +
+             "; set PYCOMM_SHM_SINGLE_COPY=never to send every byte through the shared-memory slots",
+         0, Blame{peer, why});
+  }
 }
 
 bool ShmTransport::reapIfStale(const std::string& name) {
@@ -362,10 +442,40 @@ bool ShmTransport::trySend(int peer, int lane, const OpDesc& desc, const char* d
   auto* ph = reinterpret_cast<PieceHeader*>(s);
   ph->desc = desc;
   ph->bytes = n;
+  ph->remote = 0;
   std::memcpy(s + kPieceHeader, data, n);
   sendHead_[ch] = head + 1;
   storeRelease(&c->head, head + 1);
   return true;
+}
+
+bool ShmTransport::tryPost(int peer, int lane, const OpDesc& desc, const char* data, size_t n) {
+  size_t ch = size_t(peer) * opt_.lanes + lane;
+  Channel* c = channel(rank_, peer, lane);
+  uint64_t head = sendHead_[ch];
+  uint64_t tail = loadAcquire(&c->tail);
+  if (tail > head) corrupted(peer, "its receive counter is ahead of what this rank sent");
+  if (head - tail >= uint64_t(opt_.slots)) return false;
+  auto* ph = reinterpret_cast<PieceHeader*>(slot(rank_, peer, lane, head));
+  ph->desc = desc;
+  ph->bytes = n;
+  ph->remote = reinterpret_cast<uint64_t>(data);
+  sendHead_[ch] = head + 1;
+  storeRelease(&c->head, head + 1);
+  return true;
+}
+
+// Single copy for a collective's own sends of at least singleCopyFrom_ bytes to a peer that
+// can read this rank's memory.  Messages (point-to-point, optional tasks) keep the slots:
+// their sends complete when posted, and a resumed message task carries no posting state.
+bool ShmTransport::singleCopyTask(const Plan& plan, const OpDesc& desc, size_t i) {
+  signed char& via = viaPeer_[i];
+  if (via < 0) {
+    const Task& t = plan.tasks()[i];
+    via = !t.optional && t.desc < 0 && Coll(desc.coll) != Coll::SendRecv && t.bytes >= singleCopyFrom_ &&
+          __atomic_load_n(&header(t.peer)->canRead, __ATOMIC_ACQUIRE) == 1;
+  }
+  return via == 1;
 }
 
 void ShmTransport::publish(const OpDesc& desc) {
@@ -806,14 +916,59 @@ bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp o
   for (const Task& t : tasks) remaining += t.optional ? 0 : 1;
   const size_t esize = dtypeSize(reduceType);
   Progress progress(*this, desc, tasks, deadline, since);
+  if (planOf_ != &plan || planSeq_ != desc.seq) {  // a new plan, not one resumed
+    planOf_ = &plan;
+    planSeq_ = desc.seq;
+    posted_.assign(tasks.size(), 0);
+    viaPeer_.assign(tasks.size(), -1);
+  }
+  posted_.resize(tasks.size(), 0);
+  viaPeer_.resize(tasks.size(), -1);
 
   while (remaining) {
     bool moved = false, woken = false;
     int waitingOn = -1;
     for (size_t q = 0; q < nch; ++q) {
       const int peer = int(q / opt_.lanes), lane = int(q % opt_.lanes);
+      if (!inflight_[q].empty()) {
+        // Single-copy pieces the receiver has taken: their bytes may be reused now.
+        const uint64_t taken = loadAcquire(&channel(rank_, peer, lane)->tail);
+        if (taken > sendHead_[q]) corrupted(peer, "its receive counter is ahead of what this rank sent");
+        while (!inflight_[q].empty() && inflight_[q].front().piece < taken) {
+          const InFlight f = inflight_[q].front();
+          inflight_[q].pop_front();
+          Task& t = tasks[size_t(f.task)];
+          t.done += f.bytes;
+          if (t.done == t.bytes) {
+            if (!t.optional) --remaining;
+            woken |= t.wake;
+          }
+          moved = true;
+        }
+        if (!inflight_[q].empty() && waitingOn < 0) waitingOn = peer;
+      }
       while (sHead[q] < sendQ[q].size()) {
-        Task& t = tasks[sendQ[q][sHead[q]]];
+        const int ti = sendQ[q][sHead[q]];
+        Task& t = tasks[ti];
+        if (singleCopyTask(plan, desc, size_t(ti))) {  // done once taken (above), not once posted
+          size_t& posted = posted_[size_t(ti)];
+          if (posted == t.bytes) {
+            ++sHead[q];
+            continue;
+          }
+          size_t allowed = allowedBytes(tasks, t);
+          if (allowed <= posted) break;
+          size_t n = std::min(opt_.slotBytes, allowed - posted);
+          if (!tryPost(peer, lane, desc, t.src + posted, n)) {
+            if (waitingOn < 0) waitingOn = peer;
+            break;
+          }
+          inflight_[q].push_back({sendHead_[q] - 1, ti, n});
+          posted += n;
+          singleCopySent_ += n;
+          moved = true;
+          continue;
+        }
         if (t.done == t.bytes) {
           ++sHead[q];
           if (!t.optional) --remaining;
@@ -873,10 +1028,19 @@ bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp o
                    std::to_string(t.bytes - t.done),
                2);
         if (t.done + n > allowedBytes(tasks, t)) break;
-        if (t.kind == Task::RecvCopy)
+        if (ph->remote != 0) {  // single copy: the bytes are in the sender's own memory
+          if (t.kind == Task::RecvCopy) {
+            readPeer(peer, want, t.dst + t.done, ph->remote, n);
+          } else {
+            if (bounce_.size() < opt_.slotBytes) bounce_.resize(opt_.slotBytes);
+            readPeer(peer, want, bounce_.data(), ph->remote, n);
+            reduceInto(t.dst + t.done, t.src + t.done, bounce_.data(), n / esize, reduceType, op);
+          }
+        } else if (t.kind == Task::RecvCopy) {
           std::memcpy(t.dst + t.done, s + kPieceHeader, n);
-        else
+        } else {
           reduceInto(t.dst + t.done, t.src + t.done, s + kPieceHeader, n / esize, reduceType, op);
+        }
         recvTail_[q] = tail + 1;
         storeRelease(&c->tail, tail + 1);
         t.done += n;
@@ -892,6 +1056,7 @@ bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp o
       progress.idle(waitingOn);
     }
   }
+  planOf_ = nullptr;  // finished: a later plan at the same address starts afresh
   if (Coll(desc.coll) != Coll::SendRecv) confirmArrival(desc, tasks, progress);
   return true;
 }

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <string>
 #include <utility>
 #include <vector>
@@ -71,6 +72,19 @@ class ShmTransport final : public Transport {
   // writer could ("pid", "abort" or "counter"), so that its peers must notice.
   void corruptForTest(const std::string& what);
 
+  // Single-copy transfers (cross-memory attach, process_vm_readv): a send of at least
+  // `minBytes` (SIZE_MAX: never) hands the receiver the address of its bytes instead of
+  // copying them into a slot, and the receiver reads (or reduces) them straight out of
+  // the sender's memory.  Used only towards peers whose start-up probe could read this
+  // rank's memory; the send is done once the receiver has taken its bytes.  Set before
+  // attach(): SIZE_MAX also tells the peers not to hand this rank addresses.
+  void setSingleCopy(size_t minBytes) { singleCopyFrom_ = minBytes < 1 ? 1 : minBytes; }
+  size_t singleCopyFrom() const { return singleCopyFrom_; }
+  // Whether this rank could read every peer's memory at start-up, and if not why not.
+  bool canReadPeers() const { return canRead_; }
+  const std::string& singleCopyWhy() const { return readWhy_; }
+  // Bytes this rank has sent single-copy so far (tests check which path ran).
+  uint64_t singleCopySent() const { return singleCopySent_; }
 
  private:
   struct Mapping {
@@ -93,6 +107,13 @@ class ShmTransport final : public Transport {
   };
 
   bool trySend(int peer, int lane, const OpDesc& desc, const char* data, size_t n);
+  // Single copy: posts the address of `n` bytes at `data` (remote != 0 in the piece).
+  bool tryPost(int peer, int lane, const OpDesc& desc, const char* data, size_t n);
+  // Reads `n` bytes at `remote` in `peer`'s memory into `dst`; fails naming the peer.
+  void readPeer(int peer, const OpDesc& desc, char* dst, uint64_t remote, size_t n);
+  void probePeers();  // attach(): can this rank read every peer's memory?
+  // Whether send task `i` of `plan` goes single-copy (decided at its first piece).
+  bool singleCopyTask(const Plan& plan, const OpDesc& desc, size_t i);
   void usable() const;  // throws once this communicator has failed
   bool run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp op, Clock::time_point deadline,
            Clock::time_point returnBy, Clock::time_point since, const std::atomic<bool>* interrupt);
@@ -121,6 +142,25 @@ class ShmTransport final : public Transport {
   std::vector<uint64_t> recvTail_;
   std::string failure_;               // set once this communicator has failed
   int waiting_ = -1;                  // cached copy of this rank's published waitingOn
+
+  // Single copy.  inflight_[channel]: the single-copy pieces posted and not yet taken,
+  // oldest first (slot pieces are done once posted).  posted_/viaPeer_: per task of the
+  // plan being executed, kept while one plan is resumed.
+  size_t singleCopyFrom_ = SIZE_MAX;
+  uint64_t singleCopySent_ = 0;
+  bool canRead_ = false;
+  std::string readWhy_ = "not probed";
+  struct InFlight {
+    uint64_t piece;  // its index on the channel: taken once the receiver's tail passes it
+    int task;
+    size_t bytes;
+  };
+  std::vector<std::deque<InFlight>> inflight_;
+  std::vector<size_t> posted_;
+  std::vector<signed char> viaPeer_;  // -1 undecided, 0 slots, 1 single copy
+  const Plan* planOf_ = nullptr;
+  uint64_t planSeq_ = 0;
+  std::vector<char> bounce_;  // a received piece to reduce, read out of the sender's memory
 };
 
 }  // namespace pycomm

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pycomm import _C
+from pycomm import _C, tuning
 from pycomm._codes import ALGORITHMS, COLLECTIVES, DTYPES, NONE, Op
 from pycomm.backends import Backend, P2PItem
 from pycomm.errors import CommError
@@ -85,6 +85,18 @@ class ShmBackend(Backend):
             group.worker, self.comm, m.alpha, m.beta, m.gamma, group.settings.algo, group.timeout)
         """plain blocking all-reduces without Python; off while messages are in flight, whose
         progress is Python's (around every collective)"""
+        if group.settings.debug:
+            print(f"pycomm: group {group.gid} (rank {group.rank}/{group.size}): shm transport, "
+                  f"{self.single_copy()}", flush=True)
+
+    def single_copy(self) -> str:
+        """The single-copy path as the start-up probe left it, for PYCOMM_DEBUG."""
+        t = self.transport
+        if t.single_copy_from == tuning.NEVER:
+            return "single copy off (PYCOMM_SHM_SINGLE_COPY=never or the cost model)"
+        if not t.can_read_peers:
+            return f"single copy unavailable, receiving through the slots: {t.single_copy_why}"
+        return f"single copy (process_vm_readv) for sends of at least {t.single_copy_from} B"
 
     @property
     def timeout(self) -> float:

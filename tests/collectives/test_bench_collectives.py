@@ -27,6 +27,23 @@ def test_bench_collectives_end_to_end(tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def test_bench_repeat_prints_median_and_spread_with_the_machine_counters(tmp_path):
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "-n", "2", "-o", "all_reduce", "-b", "8", "-e", "4K", "-f", "512",
+         "-i", "2", "-a", "ring", "--repeat", "2", "--no-progress", "--json", str(js), "--plot", str(png)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "# repeat 2 of 2" in proc.stdout and "min-max busbw" in proc.stdout and "memcpy" in proc.stdout
+    data = json.loads(js.read_text())
+    assert data["machine"]["repeat"] == 2
+    for r in data["rows"]:
+        assert r["repeats"] == 2 and len(r["busbw_runs"]) == 2 and len(r["gloo_busbw_runs"]) == 2
+        assert r["busbw_min"] <= r["busbw"] <= r["busbw_max"]
+        assert r["memcpy_gbps"] > 0 and r["wait_us"] >= 0 and r["ivcsw"] >= 0 and "gloo_wait_us" in r
+    assert png.stat().st_size > 10_000
+
+
 def test_bench_anchor_mpi_adds_rows_or_says_how(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "-n", "2", "-o", "all_reduce,all_to_all", "-b", "8", "-e", "4K",

@@ -284,6 +284,9 @@ def test_pycomm_tune_command(tmp_path):
     assert data["nprocs"] == 2 and len(data["measurements"]) >= 10
     m = tuning.load(out)
     assert m.source == str(out) and all(v > 0 for v in (m.alpha, m.beta, m.gamma))
+    # the single-copy path has its own constants, fitted to a run forced through it
+    assert {"copy_alpha", "copy_beta"} <= set(data["model"]) and len(data["single_copy_measurements"]) >= 10
+    assert (m.copy_alpha, m.copy_beta) == (data["model"]["copy_alpha"], data["model"]["copy_beta"])
 
 
 def job_isend_then_irecv_both_ways(n):
