@@ -1,7 +1,7 @@
 """What the planner knows about the machines: devices, memory, speed and the network.
 
-Contract: :class:`Cluster` holds devices per node, nodes, memory and achievable FLOP/s per
-device, a fixed time per layer pass (what dominates tiny models on CPU), and two
+Contract: :class:`Cluster` holds devices per node, nodes, memory, achievable FLOP/s and memory
+bandwidth per device, a fixed time per layer pass (what dominates tiny models on CPU), and two
 :class:`pycomm.tuning.CostModel` (α, β, γ) — inside a node and across nodes — so that every
 collective's time comes from the same formulas as ``algorithm="auto"`` (the collective table in
 csrc/algorithms/collectives.cpp).  :data:`CLUSTERS` names GPU presets; :func:`local_cluster`
@@ -39,6 +39,9 @@ class Cluster:
     """α (s per step), β (s per byte moved), γ (s per byte reduced) between devices of a node."""
     inter: tuning.CostModel
     """The same across nodes, per device (each device's share of its node's network cards)."""
+    memory_bandwidth: float = 0.0
+    """Achievable bytes/s of device memory for the element-wise operations between the matrix
+    products (norms, dropout, residual adds, GELU, softmax); 0: their time is in ``flops``."""
     layer_overhead: float = 0.0
     """Fixed seconds per block per micro-batch forward (backward: twice), whatever its size:
     kernel launches, Python; negligible on GPUs at scale, dominant for the tiny GPT on CPU."""
@@ -88,23 +91,26 @@ class Cluster:
                 f"({self.peak_flops / 1e12:.3g} peak), in-node {link(self.intra)}, across nodes {link(self.inter)}")
 
 
-# Achievable FLOP/s on a transformer layer as a fraction of the datasheet peak: one constant
-# for every GPU preset (docs/planner.md says where it comes from and what it does to the
-# comparison with Megatron-LM's table).
-GPU_EFFICIENCY = 0.57
+# Achievable fractions of the datasheet peaks for large matrix products and for streaming
+# device memory: one pair for every GPU preset, chosen by hand against Megatron-LM's table
+# (docs/planner.md shows the table and what other values give).
+GPU_EFFICIENCY = 0.70
+HBM_EFFICIENCY = 0.80
 
 CLUSTERS: dict[str, Cluster] = {
     # DGX A100 80GB: NVLink 3 (600 GB/s bidirectional per GPU, ~230 GB/s NCCL bus bandwidth),
-    # 8 x 200 Gb/s HDR InfiniBand (25 GB/s per GPU), 312 TFLOP/s bf16/fp16 dense peak.
+    # 8 x 200 Gb/s HDR InfiniBand (25 GB/s per GPU), 312 TFLOP/s bf16/fp16 dense peak, 2.04 TB/s HBM2e.
     "a100x8": Cluster(
         devices_per_node=8, nodes=1, memory=80e9, flops=GPU_EFFICIENCY * 312e12, peak_flops=312e12,
+        memory_bandwidth=HBM_EFFICIENCY * 2.04e12,
         intra=tuning.CostModel(alpha=5e-6, beta=1 / 230e9, gamma=1 / 1.5e12, source="a100x8 NVLink 3"),
         inter=tuning.CostModel(alpha=10e-6, beta=1 / 22e9, gamma=1 / 1.5e12, source="a100x8 8x200Gb/s IB"),
         name="a100x8"),
     # DGX H100: NVLink 4 (900 GB/s bidirectional, ~360 GB/s bus bandwidth), 8 x 400 Gb/s NDR
-    # (50 GB/s per GPU), 989 TFLOP/s bf16 dense peak.
+    # (50 GB/s per GPU), 989 TFLOP/s bf16 dense peak, 3.35 TB/s HBM3.
     "h100x8": Cluster(
         devices_per_node=8, nodes=1, memory=80e9, flops=GPU_EFFICIENCY * 989e12, peak_flops=989e12,
+        memory_bandwidth=HBM_EFFICIENCY * 3.35e12,
         intra=tuning.CostModel(alpha=4e-6, beta=1 / 360e9, gamma=1 / 3e12, source="h100x8 NVLink 4"),
         inter=tuning.CostModel(alpha=8e-6, beta=1 / 45e9, gamma=1 / 3e12, source="h100x8 8x400Gb/s IB"),
         name="h100x8"),

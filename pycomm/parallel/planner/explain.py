@@ -59,13 +59,19 @@ def explain(plan) -> str:
     out.append("compute (Narayanan et al. 2021: 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)) FLOPs per iteration "
                "with full recomputation; 72·... without, 24·B·s·l·h²·(s/(6h)) extra when selective):")
     flops = m.iteration_flops(B, plan.recompute)
-    if m.standard and plan.recompute == "full":
-        out.append(f"  96·{B}·{s}·{l}·{h}²·(1 + {s}/(6·{h}) + {V}/(16·{l}·{h})) = {flops:.4g} FLOPs")
-    else:
-        out.append(f"  layers' 3 passes + recompute '{plan.recompute}' + logits (GQA/FFN-general form) = {flops:.4g} FLOPs")
+    if m.standard:
+        out.append(f"  96·{B}·{s}·{l}·{h}²·(1 + {s}/(6·{h}) + {V}/(16·{l}·{h})) = {m.iteration_flops(B, 'full'):.4g} "
+                   f"FLOPs with full recomputation")
+    out.append(f"  this plan (recompute={plan.recompute}; the general form for any kv heads and MLP width): "
+               f"{flops:.4g} FLOPs")
     out.append(f"  per device: {flops:.4g} / {c.devices} devices / {c.flops:.4g} FLOP/s achievable "
                f"= {_t(flops / c.devices / c.flops)} (even split)")
-    out.append(f"  slowest stage ({blocks} blocks{' + logits' if True else ''}): forward+backward of {mb} micro-batches "
+    if c.memory_bandwidth:
+        ew = m.layer_fwd_elementwise_bytes(b * s, tp)
+        out.append(f"  element-wise ops per block forward, b·s·(15·h + (2·ffn + 4.5·a·s)/t)·{m.dtype_bytes} = {ew:.4g} bytes"
+                   f" / {c.memory_bandwidth:.3g} B/s = {_t(ew / c.memory_bandwidth)} (norms, dropout, residuals "
+                   f"replicated over tp)")
+    out.append(f"  slowest stage ({blocks} blocks + logits): forward+backward of {mb} micro-batches "
                f"= {_t(t.compute)}, recomputation {_t(t.recompute)}"
                + (f"; {c.layer_overhead * 1e6:.1f} us fixed per block pass included" if c.layer_overhead else ""))
     ar_bytes = b * s * h * m.dtype_bytes

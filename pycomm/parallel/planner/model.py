@@ -97,6 +97,16 @@ class Model:
         softmax·V (4·s·h per token)."""
         return 4.0 * tokens * self.seq * self.hidden
 
+    def layer_fwd_elementwise_bytes(self, tokens: int, tp: int) -> float:
+        """Bytes the element-wise operations of one block's forward read and write, per device:
+        two norms (read + write), two dropouts (read, write, mask) and two residual
+        adds (2 reads + 1 write) on the replicated ``s·b·h`` activations — 15 per element, not
+        split by tensor parallelism — then GELU on the ``ffn`` width (read + write) and the
+        fused scale-mask-softmax plus dropout on the ``a·s²`` scores (4.5 per score), split by tp."""
+        h, a, s = self.hidden, self.heads, self.seq
+        per_token = 15 * h + (2 * self.ffn + 4.5 * a * s) / tp
+        return tokens * per_token * self.dtype_bytes
+
     def head_fwd_flops(self, tokens: int) -> float:
         """The logit layer's forward, 2·h·V per token."""
         return 2.0 * tokens * self.hidden * self.vocab

@@ -119,14 +119,17 @@ def step_time(model: Model, cluster: Cluster, *, dp: int, tp: int, pp: int, sche
     b, m, s, h = micro_batch, microbatches, model.seq, model.hidden
     tokens = b * s
     blocks = math.ceil(model.layers / pp)
-    layer_fwd = model.layer_fwd_flops(tokens) / tp / cluster.flops + cluster.layer_overhead
-    head_fwd = model.head_fwd_flops(tokens) / tp / cluster.flops
+    speed = cluster.flops
+    elementwise = (model.layer_fwd_elementwise_bytes(tokens, tp) / cluster.memory_bandwidth
+                   if cluster.memory_bandwidth else 0.0)
+    layer_fwd = model.layer_fwd_flops(tokens) / tp / speed + elementwise + cluster.layer_overhead
+    head_fwd = model.head_fwd_flops(tokens) / tp / speed
     c_fwd = blocks * layer_fwd + head_fwd
     c_bwd = 2 * c_fwd
     if recompute == "full":
         r = blocks * layer_fwd
     elif recompute == "selective":
-        r = blocks * model.attention_fwd_flops(tokens) / tp / cluster.flops
+        r = blocks * model.attention_fwd_flops(tokens) / tp / speed
     else:
         r = 0.0
     ar = cluster.collective("all_reduce", tokens * h * model.dtype_bytes, tp, tp)
