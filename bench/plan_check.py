@@ -113,10 +113,16 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else 0.0
 
 
-def sweep(world: int, steps: int, cal: dict, repeat: int = 1, launcher=None) -> list[tuple[planner.Plan, float]]:
+def sweep(world: int, steps: int, cal: dict, repeat: int = 1, launcher=None,
+          families: bool = False) -> list[tuple[planner.Plan, float]]:
     """(plan, measured seconds) for every feasible shape on ``world`` processes; with
     ``repeat`` > 1, the minimum over repeats of each shape's median (least disturbed)."""
     plans = list(plans_for(world, cal))
+    if families:  # the best-predicted shape of each (dp, tp, pp, schedule): the CI test's set
+        firsts: dict = {}
+        for p in plans:
+            firsts.setdefault((p.dp, p.tp, p.pp, p.schedule), p)
+        plans = list(firsts.values())
     configs = [train_config(p, steps) for p in plans]
     best = [float("inf")] * len(plans)
     for _ in range(repeat):
@@ -133,7 +139,7 @@ def report(world: int, rows: list[tuple[planner.Plan, float]]) -> str:
     fastest = min(range(len(rows)), key=lambda i: meas[i])
     lines = [f"### {world} processes ({len(rows)} shapes)", "",
              "| shape | predicted ms | measured ms | error |", "|---|---|---|---|"]
-    for (p, m), e in sorted(zip(rows, errors), key=lambda x: x[0][1]):
+    for p, m in sorted(rows, key=lambda x: x[1]):
         lines.append(f"| {p.shape} | {p.step_time * 1e3:.2f} | {m * 1e3:.2f} | {p.step_time / m - 1:+.0%} |")
     lines += ["", f"Spearman rank correlation {spearman(pred, meas):.2f}; mean absolute error "
               f"{statistics.fmean(errors):.0%}, median {statistics.median(errors):.0%}; the predicted best "
@@ -148,13 +154,15 @@ def main(argv=None) -> None:
     ap.add_argument("--worlds", type=int, nargs="+", default=[2])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeat", type=int, default=1, help="sweeps per world; each shape keeps its fastest")
+    ap.add_argument("--families", action="store_true",
+                    help="only the best-predicted shape of each (dp, tp, pp, schedule), as the CI test")
     a = ap.parse_args(argv)
     print(f"{datetime.date.today()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}", flush=True)
     t0 = time.perf_counter()
     cal = calibrate(a.steps)
     print(f"calibration (1 process): {cal}", flush=True)
     for world in a.worlds:
-        rows = sweep(world, a.steps, cal, a.repeat)
+        rows = sweep(world, a.steps, cal, a.repeat, families=a.families)
         print(report(world, rows), flush=True)
     print(f"({time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.2f})")
 

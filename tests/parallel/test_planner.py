@@ -102,7 +102,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="heads"):
         planner.Model(layers=2, hidden=30, heads=4, vocab=10, seq=8)
     with pytest.raises(ValueError, match="no parallel shape"):
-        planner.plan("gpt-1t", "a100x8", 8).best  # one node cannot hold a trillion parameters
+        assert planner.plan("gpt-1t", "a100x8", 8).best  # one node cannot hold a trillion parameters
 
 
 def test_model_from_hf_style_config_and_module():

@@ -19,7 +19,7 @@ from pathlib import Path
 try:  # optional: only for YAML --config files
     import yaml
 except ImportError:  # pragma: no cover
-    yaml = None  # type: ignore[assignment]
+    yaml = None
 
 from .cluster import CLUSTERS, get_cluster
 from .model import MODELS, Model, get_model

@@ -52,15 +52,15 @@ def table(plans, n: int = 10) -> str:
 def explain(plan) -> str:
     """Each formula of the prediction for ``plan``, with its numbers substituted."""
     m, c, t, mem = plan.model, plan.cluster, plan.time, plan.memory
-    B, s, h, a, l, V = plan.global_batch, m.seq, m.hidden, m.heads, m.layers, m.vocab
+    B, s, h, a, L, V = plan.global_batch, m.seq, m.hidden, m.heads, m.layers, m.vocab
     b, tp, pp, dp, mb = plan.micro_batch, plan.tp, plan.pp, plan.dp, plan.microbatches
-    blocks = math.ceil(l / pp)
+    blocks = math.ceil(L / pp)
     out = [f"plan: {plan.shape}", ""]
     out.append("compute (Narayanan et al. 2021: 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)) FLOPs per iteration "
                "with full recomputation; 72·... without, 24·B·s·l·h²·(s/(6h)) extra when selective):")
     flops = m.iteration_flops(B, plan.recompute)
     if m.standard:
-        out.append(f"  96·{B}·{s}·{l}·{h}²·(1 + {s}/(6·{h}) + {V}/(16·{l}·{h})) = {m.iteration_flops(B, 'full'):.4g} "
+        out.append(f"  96·{B}·{s}·{L}·{h}²·(1 + {s}/(6·{h}) + {V}/(16·{L}·{h})) = {m.iteration_flops(B, 'full'):.4g} "
                    f"FLOPs with full recomputation")
     out.append(f"  this plan (recompute={plan.recompute}; the general form for any kv heads and MLP width): "
                f"{flops:.4g} FLOPs")
@@ -68,7 +68,8 @@ def explain(plan) -> str:
                f"= {_t(flops / c.devices / c.flops)} (even split)")
     if c.memory_bandwidth:
         ew = m.layer_fwd_elementwise_bytes(b * s, tp)
-        out.append(f"  element-wise ops per block forward, b·s·(15·h + (2·ffn + 4.5·a·s)/t)·{m.dtype_bytes} = {ew:.4g} bytes"
+        out.append(f"  element-wise ops per block forward, b·s·(15·h + (2·ffn + 4.5·a·s)/t)·{m.dtype_bytes} "
+                   f"= {ew:.4g} bytes"
                    f" / {c.memory_bandwidth:.3g} B/s = {_t(ew / c.memory_bandwidth)} (norms, dropout, residuals "
                    f"replicated over tp)")
     out.append(f"  slowest stage ({blocks} blocks + logits): forward+backward of {mb} micro-batches "
@@ -83,7 +84,8 @@ def explain(plan) -> str:
     if pp > 1:
         out.append("")
         out.append(f"pipeline: {plan.schedule}, p={pp}, m={mb}, v={plan.virtual}; pycomm's simulator gives the bubble "
-                   f"{_t(t.bubble)} = {t.bubble / max(t.compute + t.recompute + t.tp_comm, 1e-30):.3f} of the busy time "
+                   f"{_t(t.bubble)} = {t.bubble / max(t.compute + t.recompute + t.tp_comm, 1e-30):.3f} "
+                   f"of the busy time "
                    f"(1F1B's closed form (p-1)/(v·m) = {(pp - 1) / (plan.virtual * mb):.3f})")
         out.append(f"  point-to-point: 2·(v·m + p - 1) = {2 * (plan.virtual * mb + pp - 1)} messages of "
                    f"b·s·h/t·{m.dtype_bytes} = {ar_bytes / tp:.4g} bytes on the critical path = {_t(t.pp_comm)}")
@@ -132,7 +134,8 @@ def frontier_plot(plans, path: str | os.PathLike, title: str | None = None) -> s
     ax.set_xlabel("memory per device (GiB)")
     ax.set_ylabel("predicted step time (s)")
     ax.set_yscale("log")
-    ax.set_title(title or f"{plans.model.name} on {plans.cluster.name} x{plans.cluster.nodes}, batch {plans.global_batch}")
+    ax.set_title(title or f"{plans.model.name} on {plans.cluster.name} x{plans.cluster.nodes}, "
+                          f"batch {plans.global_batch}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.fspath(path), dpi=110)

@@ -14,13 +14,14 @@ import itertools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pycomm.parallel import pipeline as pl
 
+from .cluster import Cluster
 from .explain import explain as _explain_plan
 from .explain import frontier_plot as _frontier_plot
 from .explain import table as _table
-from .cluster import Cluster
 from .memory import Memory, memory
 from .model import Model
 from .timing import PipelineShapeError, Time, step_time
@@ -212,7 +213,7 @@ def plan(model: Model, cluster: Cluster, global_batch: int, *,
         if r not in RECOMPUTE:
             raise ValueError(f"recompute must be among {RECOMPUTE}, got {r!r}")
     rejected: Counter = Counter()
-    shapes = []
+    shapes: list[dict[str, Any]] = []
     for t in tps:
         for p in pps:
             if world % (t * p) or p > model.layers:
@@ -230,7 +231,7 @@ def plan(model: Model, cluster: Cluster, global_batch: int, *,
             zs = [z for z in zero if z in (0, 1)] if d > 1 else [0]
             for b, (name, v), r, z in itertools.product(bs, pipes, recomputes, zs):
                 shapes.append(dict(dp=d, tp=t, pp=p, micro_batch=b, schedule=name, virtual=v, recompute=r, zero=z))
-    common = dict(overlap_grad_reduce=overlap_grad_reduce, step_overhead=step_overhead)
+    common: dict[str, Any] = dict(overlap_grad_reduce=overlap_grad_reduce, step_overhead=step_overhead)
     # Branch and bound: the bound (no bubble, one micro-batch in flight) is cheap; simulate the
     # pipeline only for shapes whose bound can still make the best `keep`.
     bounded = []
