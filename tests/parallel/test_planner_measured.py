@@ -3,7 +3,8 @@
 Calibrate on one process (bench/plan_check.py: FLOP/s, fixed time per block pass and per
 step, from three single-process runs), predict every feasible 2-process shape, then measure
 the best-predicted shape of each family (data, tensor, and pipeline parallel with each
-schedule): the shape predicted best must measure within 20% of the fastest measured.  The full
+schedule), twice, keeping each shape's faster run: the shape predicted best must measure within
+20% of the fastest measured.  The full
 sweep (every shape, 2 and 4 processes, rank correlation and errors) is
 ``python -m bench.plan_check --worlds 2 4`` (docs/planner.md)."""
 from bench import plan_check
@@ -23,7 +24,10 @@ def test_predicted_best_measures_within_20_percent_of_measured_best(run):
         family_best.setdefault((p.dp, p.tp, p.pp, p.schedule), p)
     chosen = list(family_best.values())
     assert chosen[0] is plans.best and len(chosen) >= 4
-    measured = launcher(2, [plan_check.train_config(p, STEPS) for p in chosen])
+    configs = [plan_check.train_config(p, STEPS) for p in chosen]
+    # each shape's faster of two runs: the machine is shared, and one disturbed run of one shape
+    # must not decide the comparison
+    measured = [min(a, b) for a, b in zip(launcher(2, configs), launcher(2, configs))]
     table = "\n".join(f"{p.shape}: predicted {p.step_time * 1e3:.1f} ms, measured {m * 1e3:.1f} ms"
                       for p, m in zip(chosen, measured))
     assert measured[0] <= 1.2 * min(measured), table
