@@ -1,6 +1,7 @@
 """The planner's formulas, search and interfaces (pycomm.parallel.planner, python -m
 pycomm.parallel.plan).  The checks against Megatron-LM's table and against runs on this
 machine are test_planner_megatron.py and test_planner_measured.py."""
+import argparse
 import json
 import os
 import subprocess
@@ -151,3 +152,18 @@ def test_cli_prints_ranked_table_and_explanation(tmp_path):
 def test_cli_refuses_what_cannot_fit(capsys):
     assert cli.main(["--model", "gpt-1t", "--cluster", "a100x8", "--global-batch", "8"]) == 2
     assert "no parallel shape" in capsys.readouterr().err
+
+
+def test_train_gpt_plan_auto_takes_the_planners_best(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import train_gpt
+
+    tc = train_gpt.parse_args(["--plan", "auto", "--nprocs", "2", "--batch", "16"])
+    out = capsys.readouterr().out
+    assert "running the planner's choice" in out
+    assert tc.dp * tc.tp * tc.pp == 2 and tc.batch == 16
+    best = train_gpt.planned(argparse.Namespace(nprocs=2, plan_flops=train_gpt.PLAN_FLOPS,
+                                                plan_overhead=train_gpt.PLAN_OVERHEAD, batch=16),
+                             train_gpt.GPTConfig()).best
+    assert (tc.dp, tc.tp, tc.pp, tc.microbatches, tc.zero) == (best.dp, best.tp, best.pp, best.microbatches,
+                                                              bool(best.zero))
