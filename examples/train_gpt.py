@@ -4,6 +4,7 @@
     python examples/train_gpt.py --pp 2 --schedule interleaved_1f1b --microbatches 4 --timeline t.png
     torchrun --nproc-per-node 4 examples/train_gpt.py --tp 2 --pp 2      # uses RANK/WORLD_SIZE
     python examples/train_gpt.py --dp 4 --batch 12 --microbatches 1 --kill-rank 2 --at-step 5   # loses a rank
+    python examples/train_gpt.py --plan auto --nprocs 4        # the planner picks the shape (see below)
 
 Without RANK in the environment it starts its own dp*tp*pp local processes (pycomm.launch.run).
 Global rank 0 prints ``step N loss X``.  With the same seed in float32 every parallel shape
@@ -26,6 +27,11 @@ the MLP's fc1 bias + GELU is ``kernels.bias_gelu`` (inside ``parallel.ParallelSe
 ``vocab_parallel_cross_entropy``).  They run Triton on a GPU (or under ``TRITON_INTERPRET=1``)
 and their PyTorch fallback on CPU; ``--kernels torch|triton|auto`` sets
 ``PYCOMM_KERNELS_BACKEND`` for the run.
+
+The planner: ``--plan auto --nprocs N`` asks ``pycomm.parallel.plan`` for the fastest shape of
+this model on N local processes (α, β, γ from ``pycomm tune``; this machine's FLOP/s and fixed
+time per block pass from ``--plan-flops`` / ``--plan-overhead``, which ``python -m
+bench.plan_check`` measures), prints its table and runs the best shape.
 
 Losing a rank (pure data parallelism): ``--kill-rank R --at-step S`` kills rank R (SIGKILL) as
 step S starts.  The survivors' gradient all-reduce fails naming it; they call
@@ -358,6 +364,23 @@ def _worker(tc: TrainConfig, cfg: GPTConfig):
     return train(tc, cfg)
 
 
+# This machine's numbers for the tiny GPT (python -m bench.plan_check, one process, load < 1,
+# 2-core CI machine, 2026-11-26); --plan-flops / --plan-overhead override them.
+PLAN_FLOPS = 1.5e9
+PLAN_OVERHEAD = 1.0e-3
+
+
+def planned(argv_plan: argparse.Namespace, cfg: GPTConfig):
+    """The planner's ranked shapes for ``cfg`` on ``--nprocs`` local processes, among those
+    this script runs (full recomputation is --checkpoint; interleaving uses --virtual 2)."""
+    model = parallel.planner.model_from(cfg, dtype="fp32", name="tiny")
+    cluster = parallel.planner.local_cluster(argv_plan.nprocs, flops=argv_plan.plan_flops,
+                                             layer_overhead=argv_plan.plan_overhead)
+    plans = parallel.plan(model, cluster, argv_plan.batch, recompute=["none", "full"], virtual=[1, 2],
+                          overlap_grad_reduce=False)
+    return plans
+
+
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dp", type=int, default=1)
@@ -382,8 +405,27 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--save", default=None, help="write a training checkpoint here after --save-at")
     p.add_argument("--save-at", type=int, default=0)
     p.add_argument("--resume", default=None, help="start from a training checkpoint written by --save")
+    p.add_argument("--plan", choices=("auto",), default=None,
+                   help="auto: the planner chooses dp, tp, pp, schedule, micro-batches, --checkpoint, --zero")
+    p.add_argument("--nprocs", type=int, default=2, help="processes for --plan auto")
+    p.add_argument("--plan-flops", type=float, default=PLAN_FLOPS, help="FLOP/s of one process (--plan auto)")
+    p.add_argument("--plan-overhead", type=float, default=PLAN_OVERHEAD,
+                   help="fixed seconds per block forward (--plan auto)")
     a = p.parse_args(argv)
-    return TrainConfig(**vars(a))
+    options = vars(a)
+    plan_args = argparse.Namespace(**{k: options.pop(k) for k in ("plan", "nprocs", "plan_flops", "plan_overhead")},
+                                   batch=a.batch)
+    tc = TrainConfig(**options)
+    if plan_args.plan == "auto":
+        plans = planned(plan_args, GPTConfig())
+        print(plans.table(5), flush=True)
+        best = plans.best
+        print(f"running the planner's choice: {best.shape}  (predicted {best.step_time * 1e3:.1f} ms/step)", flush=True)
+        tc.dp, tc.tp, tc.pp, tc.microbatches, tc.zero = best.dp, best.tp, best.pp, best.microbatches, bool(best.zero)
+        tc.schedule = best.schedule if best.pp > 1 else "1f1b"
+        tc.virtual = best.virtual if best.virtual > 1 else tc.virtual
+        tc.checkpoint = best.recompute == "full"
+    return tc
 
 
 def main(argv=None) -> None:

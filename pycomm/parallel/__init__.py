@@ -6,11 +6,13 @@
     model = parallel.DataParallel(model)                 # bucketed async gradient all-reduce
     opt = parallel.ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
     parallel.pipeline.simulate("1f1b", 4, 8); parallel.pipeline.Pipeline(...)
+    plans = parallel.plan("gpt-175b", "a100x8", global_batch=1536, nodes=128)   # the planner
 
 One idea per module: ``mesh`` (groups), ``mappings`` (f/g autograd pairs), ``layers``
 (column/row/vocab-parallel), ``cross_entropy``, ``blocks`` (MLP, attention), ``random``
 (per-rank dropout), ``data`` (DataParallel), ``zero`` (ZeRO-1), ``checkpoint`` (shape-free
-checkpoints), ``pipeline`` (schedules, validator, simulator, runtime).  ``pipeline`` alone is
+checkpoints), ``pipeline`` (schedules, validator, simulator, runtime), ``planner`` (the best
+shape for a model on a cluster; ``plan`` is its callable entry point and CLI).  ``pipeline`` alone is
 importable without torch; the rest is loaded on first use.
 """
 import importlib
@@ -31,12 +33,14 @@ _LAZY = {
     "full_state_dict": "checkpoint", "load_full_state_dict": "checkpoint",
 }
 
-__all__ = ["pipeline", *_LAZY]
+__all__ = ["pipeline", "plan", "planner", *_LAZY]
 
 
 def __getattr__(name):
     # Keep `import pycomm.parallel.pipeline` free of torch (the colleague's contract): the
     # layers import torch and pycomm's extension only when first used.
+    if name in ("plan", "planner"):  # a callable module (plan.py) and the package behind it
+        return importlib.import_module(f"{__name__}.{name}")
     if name in _LAZY:
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
