@@ -48,7 +48,8 @@ def _fwd_configs():
 
 
 def _bwd_configs():
-    shapes = [(64, 64, 2, 4), (64, 64, 3, 4), (32, 64, 3, 4), (64, 128, 2, 8), (128, 64, 2, 8), (32, 128, 2, 4)]
+    shapes = [(64, 64, 2, 4), (64, 64, 3, 4), (32, 64, 3, 4), (64, 128, 2, 8), (128, 64, 2, 8), (32, 128, 2, 4),
+              (32, 64, 2, 4), (32, 32, 2, 4), (32, 32, 3, 4), (16, 64, 2, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w) for m, n, s, w in shapes]
 
 
@@ -75,12 +76,16 @@ def _dq_shared_memory(config, dtype_bytes, args):
 def _fwd_fits_registers(config, args):
     # the output accumulator: BLOCK_M x BLOCK_D fp32 over the program's threads
     kw = config.kwargs
+    if args["BLOCK_D"] >= 128 and kw["BLOCK_M"] * kw["BLOCK_N"] >= 128 * 128:
+        return False  # with the mask variants' index math, the 128x128 score tile spills 60 B at d=128
     return kw["BLOCK_M"] * args["BLOCK_D"] // (32 * config.num_warps) < 128
 
 
 # dK/dV holds two BLOCK_N x BLOCK_D fp32 accumulators plus the K and V tiles, and recomputes
 # transposed score tiles: at head dim 128 only the smallest tile stays in registers.
-_DKDV_NO_SPILL = {64: {(32, 64, 3, 4), (64, 128, 2, 8), (64, 64, 2, 4), (64, 64, 3, 4)}}
+# 64x64 tiles at d=64 and every 32x64 or larger tile at d=128 spill (20-856 B) since the mask
+# variants' index math came in; 32x32 and 16x64 tiles at d=128 compile clean.
+_DKDV_NO_SPILL = {64: {(32, 64, 3, 4), (64, 128, 2, 8)}, 128: {(32, 32, 2, 4), (32, 32, 3, 4), (16, 64, 2, 4)}}
 
 
 def _dkdv_fits_registers(config, args):
