@@ -47,8 +47,10 @@ void allReduceTree(Plan& p, int r, const CollArgs& a) {
   treeAllReduce(p, r, a.size, a.out, a.in, a.count, a.esize, kCollectiveLanes);
 }
 void allReduceExchange(Plan& p, int r, const CollArgs& a) {
-  exchangeAllReduce(p, r, a.size, a.out, a.in, a.count, a.esize);
+  exchangeAllReduce(p, r, a.size, a.out, a.in, a.scratch, a.count, a.esize);
 }
+// all_reduce: the exchange reduces into out and scratch in turn (pairwise.cpp).
+size_t allReduceScratch(const CollArgs& a) { return a.algo == Algo::Exchange ? a.count * a.esize : 0; }
 int floorLog2(int p) {
   int l = 0;
   while ((2 << l) <= p) ++l;
@@ -103,7 +105,7 @@ void barrierTree(Plan& p, int r, const CollArgs& a) {
 std::vector<Collective> makeTable() {
   std::vector<Collective> t;
   t.push_back({Coll::AllReduce, "all_reduce", "allreduce", true, false,
-               "elements of the buffer", "the buffer", noScratch,
+               "elements of the buffer", "the buffer", allReduceScratch,
                {{Algo::Ring, "2(p-1)α + 2(p-1)/p·nβ + (p-1)/p·nγ", allReduceRing,
                  [](const CostModel& m, double n, int p) {
                    return 2 * (p - 1) * m.alpha + 2 * f(p) * n * m.beta + f(p) * n * m.gamma;

@@ -133,7 +133,8 @@ def test_cost_row():
     m = CostModel()
     assert m.choose("all_reduce", 8, 2) == "exchange"  # alpha + n(beta+gamma) < 2 alpha + ...
     assert m.choose("all_reduce", 64 << 20, 2) == "ring"
-    assert m.choose("all_reduce", 8, 3) == "tree"  # 3 hops against the tree's 2
+    assert m.choose("all_reduce", 8, 3) == "exchange"  # 3 hops against the tree's 2D = 4
+    assert m.choose("all_reduce", 1 << 18, 8) == "tree"  # 3 whole buffers moved: too many
     assert 0 < m.crossover("all_reduce", 2, "exchange") < 1 << 20
     assert "exchange chosen up to" in m.table()
 

@@ -132,6 +132,9 @@ def replay(coll, algo, size, count, piece_bytes, in_place, root=0, dtype=np.int6
                     moved[r], scratch[r] = set(), None
                     progress = True
         assert progress, f"deadlock: ranks stuck at rounds {idx}"
+    for r, plan in enumerate(ranks):  # as nccl.cu does after the last round
+        for dst, src, nbytes in plan["copies_after"]:
+            view(r, dst, nbytes)[:] = view(r, src, nbytes).copy()
 
     if combine is not None:
         for r in range(1, size):
