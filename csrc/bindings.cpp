@@ -238,7 +238,7 @@ PYBIND11_MODULE(_C, m) {
   py::dict dtypes, ops, algos, colls;
   for (int d = 0; d < kNumDTypes; ++d) dtypes[dtypeName(DType(d))] = d;
   for (int o = 0; o < kNumRedOps; ++o) ops[redopName(RedOp(o))] = o;
-  for (Algo a : {Algo::Ring, Algo::Tree, Algo::None, Algo::Pairwise}) algos[algoName(a)] = int(a);
+  for (Algo a : {Algo::Ring, Algo::Tree, Algo::None, Algo::Pairwise, Algo::Exchange}) algos[algoName(a)] = int(a);
   py::list table;
   for (const Collective& c : collectives()) {
     colls[c.name] = int(c.coll);
@@ -281,7 +281,8 @@ PYBIND11_MODULE(_C, m) {
       "algo_override",
       [](const std::string& setting, int coll) { return int(algoOverride(setting, Coll(coll))); },
       py::arg("setting"), py::arg("coll"),
-      "PYCOMM_ALGO's choice for a collective: 0 ring, 1 tree, 3 pairwise, 2 left to the cost model");
+      "PYCOMM_ALGO's choice for a collective: 0 ring, 1 tree, 3 pairwise, 4 exchange, 2 left to the "
+      "cost model");
   m.def(
       "tree",
       [](int rank, int size, int which) {
@@ -335,7 +336,8 @@ PYBIND11_MODULE(_C, m) {
             for (const RoundOp& op : round) {
               const Task& t = p.tasks()[op.task];
               ops.append(py::make_tuple(int(t.kind), t.peer, t.lane, where(t.src + op.offset),
-                                        where(t.dst + op.offset), op.bytes, op.scratch));
+                                        where(t.dst + op.offset), op.bytes, op.scratch,
+                                        t.receivedFirst));
             }
             rounds.append(ops);
           }
@@ -350,7 +352,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("root"), py::arg("piece_bytes"), py::arg("in_place") = false,
       "every rank's plan cut into bulk-synchronous rounds (algorithms/rounds.h), with "
       "buffers as (id, offset): 1 input, 2 output, 3 scratch; ops are (kind 0 send, 1 "
-      "recv-copy, 2 recv-reduce; peer; lane; src; dst; bytes; scratch offset); "
+      "recv-copy, 2 recv-reduce; peer; lane; src; dst; bytes; scratch offset; recv-reduce: whether "
+      "the received piece is the first operand); "
       "scratch_bytes: a round's reduction scratch; plan_scratch_bytes: the scratch buffer 3 "
       "the collective's row asks for.  all_to_all "
       "only with equal counts: rounds replay every rank's plan, which needs every rank's counts");

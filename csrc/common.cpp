@@ -74,6 +74,7 @@ const char* algoName(Algo a) {
     case Algo::Tree: return "tree";
     case Algo::None: return "direct";
     case Algo::Pairwise: return "pairwise";
+    case Algo::Exchange: return "exchange";
   }
   return "?";
 }

@@ -26,8 +26,9 @@ enum class Coll : int32_t {
   Reduce = 6, Gather = 7, Scatter = 8, AllToAll = 9
 };
 // None: "left to the cost model" where an algorithm is chosen, and the algorithm of
-// messages that have none (send/recv).  Pairwise is all-to-all's only algorithm.
-enum class Algo : int32_t { Ring = 0, Tree = 1, None = 2, Pairwise = 3 };
+// messages that have none (send/recv).  Pairwise is all-to-all's only algorithm;
+// Exchange is all-reduce's recursive doubling (pairwise.cpp).
+enum class Algo : int32_t { Ring = 0, Tree = 1, None = 2, Pairwise = 3, Exchange = 4 };
 
 size_t dtypeSize(DType t);
 const char* dtypeName(DType t);

@@ -228,9 +228,10 @@ size_t Communicator::addMessages(Plan& plan, bool optional) {
   const int lane = p2pLane(*t_);
   for (int p = 0; p < size(); ++p) {
     if (p == rank() || incoming_[p].active) continue;
-    Plan one;
-    one.probe(p, lane);
-    add(one.tasks()[0], nullptr);
+    // Built in place, not through a Plan of its own: this runs on every collective, and a
+    // small all-reduce takes a few microseconds in all.
+    Task probe{Task::Probe, p, lane, nullptr, nullptr, 1, {-1, -1, -1}, 0};
+    add(probe, nullptr);
   }
   return plan.tasks().size() - first;
 }
@@ -238,15 +239,17 @@ size_t Communicator::addMessages(Plan& plan, bool optional) {
 void Communicator::collectMessages(const Plan& plan, size_t first) {
   // Messages complete in any order across peers; the others keep their posting order.
   size_t i = first;
-  std::deque<Send> still;
-  for (Send& s : sends_) {
-    s.task.done = plan.tasks()[i++].done;
-    if (s.task.done == s.task.bytes)
-      complete(s.id, s.task.peer);
-    else
-      still.push_back(std::move(s));
+  if (!sends_.empty()) {  // constructing a deque allocates: not on every collective
+    std::deque<Send> still;
+    for (Send& s : sends_) {
+      s.task.done = plan.tasks()[i++].done;
+      if (s.task.done == s.task.bytes)
+        complete(s.id, s.task.peer);
+      else
+        still.push_back(std::move(s));
+    }
+    sends_.swap(still);
   }
-  sends_.swap(still);
   for (int p = 0; p < size(); ++p) {
     Incoming& in = incoming_[p];
     if (!in.active) continue;
@@ -400,6 +403,7 @@ void Communicator::collective(CollArgs a, DType dtype, RedOp op, double timeoutS
   // The plan first: one whose arguments it refuses (a root out of range, say) must not
   // take a sequence number, or this rank would be one collective ahead of its peers.
   Plan plan;
+  plan.tasks().reserve(size_t(2 * size()) + 4);  // one allocation for a small plan and the probes
   collectivePlan(plan, rank(), a);
   OpDesc d = next(a.coll, a.count, dtype, row.reduces ? op : RedOp::None, a.algo, row.rooted ? a.root : -1);
   t_->publish(d);

@@ -12,7 +12,7 @@ import datetime
 import math
 import os
 
-_ALGO_CHOICES = ("ring", "tree", "auto")
+_ALGO_CHOICES = ("ring", "tree", "exchange", "auto")
 
 
 def _text(name: str, default: str = "") -> str:
@@ -62,8 +62,8 @@ class Settings:
     """PYCOMM_TIMEOUT: seconds a collective (or start-up) may wait for a peer; None: the
     caller's (default 300)"""
     algo: str = ""
-    """PYCOMM_ALGO: 'ring', 'tree', 'auto', or per collective like NCCL_ALGO
-    ('allreduce:tree;allgather:ring'); applies where algorithm='auto'"""
+    """PYCOMM_ALGO: 'ring', 'tree', 'exchange' (all_reduce only), 'auto', or per collective
+    like NCCL_ALGO ('allreduce:exchange;allgather:ring'); applies where algorithm='auto'"""
     debug: bool = False
     """PYCOMM_DEBUG=INFO (or DEBUG): log each collective's size, algorithm and transport"""
     tune_file: str = ""

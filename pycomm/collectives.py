@@ -4,8 +4,9 @@ Every function checks its arguments, then makes one call: to the backend the gro
 for the tensor's device (pycomm.backends).  A bad argument raises ``ValueError`` or
 ``TypeError`` saying what to do, before anything is sent: the caller's tensors are untouched
 and the group stays usable.  ``algorithm`` is "ring", "tree" or "auto" (the cost model
-picks).  ``async_op=True`` returns a :class:`~pycomm.work.Work`; operations of one group run
-in the order they were called.
+picks); all_reduce also has "exchange" (recursive doubling: one hop on 2 ranks).
+``async_op=True`` returns a :class:`~pycomm.work.Work`; operations of one group run in the
+order they were called.
 
 Tensors: contiguous, on the CPU or a CUDA device; float32/64, float16 and bfloat16 (reduced
 in float32), int8/16/32/64, uint8, bool, and complex64/128 (as pairs of floats; summed and
@@ -31,6 +32,7 @@ __all__ = [
 
 _STRIDED = torch.strided
 _ALGORITHMS = ("auto", "ring", "tree")
+_ALL_REDUCE_ALGORITHMS = (*_ALGORITHMS, "exchange")
 
 
 # ---------------------------------------------------------------------------- checks
@@ -81,9 +83,10 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
-def _algorithm(fn: str, algorithm: str) -> str:
-    if algorithm not in _ALGORITHMS:
-        raise ValueError(f"pycomm.{fn}: unknown algorithm {algorithm!r}: use 'ring', 'tree' or 'auto'")
+def _algorithm(fn: str, algorithm: str, choices: tuple[str, ...] = _ALGORITHMS) -> str:
+    if algorithm not in choices:
+        raise ValueError(f"pycomm.{fn}: unknown algorithm {algorithm!r}: use "
+                         f"{', '.join(repr(c) for c in choices[1:])} or 'auto'")
     return algorithm
 
 
@@ -105,7 +108,7 @@ def all_reduce(tensor: torch.Tensor, op="sum", algorithm: str = "auto", group: G
         return None  # the common case, run without Python (csrc/torch/native.h)
     t = _tensor("all_reduce", "tensor", tensor)
     o = _codes.reduce_op("all_reduce", op, tensor.dtype)
-    return g.backend(t).all_reduce(t, o, _algorithm("all_reduce", algorithm), async_op)
+    return g.backend(t).all_reduce(t, o, _algorithm("all_reduce", algorithm, _ALL_REDUCE_ALGORITHMS), async_op)
 
 
 def reduce_scatter(output: torch.Tensor, input: torch.Tensor, op="sum", algorithm: str = "auto",

@@ -49,8 +49,8 @@ def tree_depth(p: int) -> int:
 
 
 def algorithm_override(collective: str, setting: str) -> str | None:
-    """What a PYCOMM_ALGO `setting` says for `collective` ('ring', 'tree'), or None (use the
-    model).  The setting is 'ring', 'tree', 'auto' or per collective, like NCCL_ALGO:
+    """What a PYCOMM_ALGO `setting` says for `collective` ('ring', 'tree', ...), or None (use
+    the model).  The setting is 'ring', 'tree', 'exchange', 'auto' or per collective, like NCCL_ALGO:
     'allreduce:tree;allgather:ring'."""
     if not setting:
         return None
@@ -110,11 +110,11 @@ class CostModel:
         formula as csrc/algorithms/cost.cpp, which computes it."""
         return _C.single_copy_from(self.alpha, self.beta, self.copy_alpha, self.copy_beta)
 
-    def crossover(self, collective: str, p: int) -> int:
-        """Largest power-of-two size in bytes for which the tree is chosen (0: never)."""
+    def crossover(self, collective: str, p: int, algorithm: str = "tree") -> int:
+        """Largest power-of-two size in bytes for which `algorithm` is chosen (0: never)."""
         best = 0
         for k in range(0, 41):
-            if self.choose(collective, 1 << k, p) == "tree":
+            if self.choose(collective, 1 << k, p) == algorithm:
                 best = 1 << k
         return best
 
@@ -127,7 +127,8 @@ class CostModel:
             f"gamma = {1 / self.gamma / 1e9:.2f} GB/s reduced   ({self.source})",
             f"single copy: alpha = {self.copy_alpha * 1e6:.2f} us/step, beta = "
             f"{1 / self.copy_beta / 1e9:.2f} GB/s moved; used from {_from_text(self.single_copy_from())}",
-            "formulas (n bytes, p ranks, D tree depth, L = ceil(log2 p)):",
+            "formulas (n bytes, p ranks, D tree depth, L = ceil(log2 p), K = floor(log2 p), "
+            "e = 1 if p is not a power of 2):",
         ]
         for row in _C.TABLE:
             if row["setting"]:
@@ -138,6 +139,10 @@ class CostModel:
         for p in world_sizes:
             cells = ", ".join(f"{c} {_size_text(self.crossover(c, p))}" for c in both)
             lines.append(f"  p={p}: {cells}")
+        lines.append("exchange chosen up to (bytes):")
+        cells = ", ".join(f"p={p} {_size_text(self.crossover('all_reduce', p, 'exchange'))}"
+                          for p in world_sizes)
+        lines.append(f"  all_reduce: {cells}")
         return "\n".join(lines)
 
     def to_json(self) -> str:

@@ -135,5 +135,12 @@ void binomialScatter(Plan& plan, int rank, int size, int root, char* out, const 
 // and receives from rank-s.
 void pairwiseAllToAll(Plan& plan, int rank, int size, char* out, const char* in, size_t count,
                       size_t esize, const size_t* sendCounts, const size_t* recvCounts);
+// all-reduce by recursive doubling: out = reduction of every rank's `in` (count elements;
+// out may be in), whole buffers exchanged with rank ^ 2^k at step k, one hop per step.
+// With p not a power of two, the ranks past the largest power q fold into rank - q first
+// and get the result back last.  Every rank gets the same bits (see the .cpp).  `scratch`
+// holds count elements.
+void exchangeAllReduce(Plan& plan, int rank, int size, char* out, const char* in, char* scratch,
+                       size_t count, size_t esize);
 
 }  // namespace pycomm

@@ -1,6 +1,7 @@
 // The collective table (collectives.h).  Costs use the constants of cost.h: alpha per
 // step, beta per byte moved, gamma per byte reduced; n is the row's `bytes`, p the ranks,
-// D the depth of the binary tree, L = ceil(log2 p) the depth of the binomial tree.
+// D the depth of the binary tree, L = ceil(log2 p) the depth of the binomial tree, K =
+// floor(log2 p) and e = 1 when p is not a power of two (the exchange all-reduce).
 // Bandwidth terms are the busiest rank's.  The algorithm files say where each formula
 // comes from (ring.cpp, tree.cpp, pairwise.cpp).
 //
@@ -44,6 +45,16 @@ void allReduceRing(Plan& p, int r, const CollArgs& a) {
 }
 void allReduceTree(Plan& p, int r, const CollArgs& a) {
   treeAllReduce(p, r, a.size, a.out, a.in, a.count, a.esize, kCollectiveLanes);
+}
+void allReduceExchange(Plan& p, int r, const CollArgs& a) {
+  exchangeAllReduce(p, r, a.size, a.out, a.in, a.scratch, a.count, a.esize);
+}
+// all_reduce: the exchange reduces into out and scratch in turn (pairwise.cpp).
+size_t allReduceScratch(const CollArgs& a) { return a.algo == Algo::Exchange ? a.count * a.esize : 0; }
+int floorLog2(int p) {
+  int l = 0;
+  while ((2 << l) <= p) ++l;
+  return l;
 }
 void reduceScatterRing(Plan& p, int r, const CollArgs& a) {
   ringReduceScatter(p, r, a.size, a.out, a.in, a.scratch, a.count, a.esize);
@@ -94,13 +105,19 @@ void barrierTree(Plan& p, int r, const CollArgs& a) {
 std::vector<Collective> makeTable() {
   std::vector<Collective> t;
   t.push_back({Coll::AllReduce, "all_reduce", "allreduce", true, false,
-               "elements of the buffer", "the buffer", noScratch,
+               "elements of the buffer", "the buffer", allReduceScratch,
                {{Algo::Ring, "2(p-1)α + 2(p-1)/p·nβ + (p-1)/p·nγ", allReduceRing,
                  [](const CostModel& m, double n, int p) {
                    return 2 * (p - 1) * m.alpha + 2 * f(p) * n * m.beta + f(p) * n * m.gamma;
                  }},
                 {Algo::Tree, "2Dα + 2nβ + nγ", allReduceTree, [](const CostModel& m, double n, int p) {
                    return 2 * treeDepth(p) * m.alpha + 2 * n * m.beta + n * m.gamma;
+                 }},
+                // K = floor(log2 p), e = 1 when p is not a power of two (pairwise.cpp)
+                {Algo::Exchange, "(K+2e)α + (K+e)n(β+γ)", allReduceExchange,
+                 [](const CostModel& m, double n, int p) {
+                   const int k = floorLog2(p), e = (1 << k) < p ? 1 : 0;
+                   return (k + 2 * e) * m.alpha + (k + e) * n * (m.beta + m.gamma);
                  }}}});
   t.push_back({Coll::ReduceScatter, "reduce_scatter", "reducescatter", true, false,
                "elements of the output (one rank's block)", "the input", wholeInput,

@@ -56,9 +56,10 @@ Algo parseAlgo(const std::string& s, const std::string& setting) {
   if (s == "ring") return Algo::Ring;
   if (s == "tree") return Algo::Tree;
   if (s == "pairwise") return Algo::Pairwise;
+  if (s == "exchange") return Algo::Exchange;
   if (s == "auto" || s.empty()) return Algo::None;
   throw std::invalid_argument("PYCOMM_ALGO=" + setting + ": unknown algorithm '" + s +
-                              "'; use ring, tree, pairwise or auto, optionally per collective "
+                              "'; use ring, tree, exchange, pairwise or auto, optionally per collective "
                               "as in 'allreduce:tree;allgather:ring'");
 }
 bool has(const Collective& c, Algo a) {

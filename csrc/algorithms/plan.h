@@ -42,6 +42,11 @@ struct Task {
   int desc = -1;        // index into Plan::descs(), or -1 for the collective's descriptor
   bool optional = false;  // progressed when possible, but the plan may finish without it
   bool wake = false;      // execution returns (to be resumed) as soon as this task is done
+  // RecvReduce: dst = received op src instead of src op received.  Two ranks that reduce
+  // the same pair of buffers, each holding one of them, put the same one first, so that
+  // an op that is not commutative bit for bit (max of -0 and +0, NaN payloads) still
+  // leaves the same bits on both (the exchange all-reduce, pairwise.cpp).
+  bool receivedFirst = false;
   size_t done = 0;      // bytes handled so far (executor state)
 };
 
@@ -57,9 +62,11 @@ class Plan {
   }
   int probe(int peer, int lane) { return add(Task::Probe, peer, lane, nullptr, nullptr, 1, {}); }
   int recvReduce(int peer, void* dst, const void* src, size_t bytes,
-                 std::initializer_list<int> deps = {}, int lane = 0) {
-    return add(Task::RecvReduce, peer, lane, static_cast<char*>(dst),
-               static_cast<const char*>(src), bytes, deps);
+                 std::initializer_list<int> deps = {}, int lane = 0, bool receivedFirst = false) {
+    const int i = add(Task::RecvReduce, peer, lane, static_cast<char*>(dst),
+                      static_cast<const char*>(src), bytes, deps);
+    tasks_[i].receivedFirst = receivedFirst;
+    return i;
   }
   // dst and src may overlap (executed as memmove).
   void copy(void* dst, const void* src, size_t bytes) {

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include "cuda/check.h"
 #include "cuda/reduce.cuh"
@@ -179,6 +180,7 @@ void NcclComm::run(Coll coll, Algo algo, void* out, const void* in, void* scratc
       const Task& t = plan.tasks()[o.task];
       if (t.kind != Task::RecvReduce) continue;
       const void* srcs[2] = {t.src + o.offset, roundScratch + o.scratch};
+      if (t.receivedFirst) std::swap(srcs[0], srcs[1]);  // the order both partners use (plan.h)
       reduce(t.dst + o.offset, srcs, 2, o.bytes / es, dtype, op, stream);
     }
   }

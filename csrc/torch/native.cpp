@@ -73,6 +73,8 @@ bool NativeAllReduce::run(py::handle tensor, py::handle op, py::handle algorithm
     algo = Algo::Ring;
   else if (is(algorithm.ptr(), "tree"))
     algo = Algo::Tree;
+  else if (is(algorithm.ptr(), "exchange"))
+    algo = Algo::Exchange;
   else
     return false;
   if (!worker_->idle()) return false;  // asynchronous work first: the Python path orders it

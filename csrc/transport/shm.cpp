@@ -903,7 +903,10 @@ bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp o
   usable();
   auto& tasks = plan.tasks();
   const size_t nch = size_t(size_) * opt_.lanes;
-  std::vector<std::vector<int>> sendQ(nch), recvQ(nch);
+  auto &sendQ = sendQ_, &recvQ = recvQ_;
+  sendQ.resize(nch);
+  recvQ.resize(nch);
+  for (size_t q = 0; q < nch; ++q) sendQ[q].clear(), recvQ[q].clear();
   for (size_t i = 0; i < tasks.size(); ++i) {
     const Task& t = tasks[i];
     if (t.peer < 0 || t.peer >= size_ || t.peer == rank_ || t.lane < 0 || t.lane >= opt_.lanes)
@@ -911,7 +914,9 @@ bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp o
                              std::to_string(t.lane));
     (t.kind == Task::Send ? sendQ : recvQ)[size_t(t.peer) * opt_.lanes + t.lane].push_back(int(i));
   }
-  std::vector<size_t> sHead(nch, 0), rHead(nch, 0);
+  auto &sHead = sHead_, &rHead = rHead_;
+  sHead.assign(nch, 0);
+  rHead.assign(nch, 0);
   size_t remaining = 0;  // required tasks not yet done
   for (const Task& t : tasks) remaining += t.optional ? 0 : 1;
   const size_t esize = dtypeSize(reduceType);
@@ -1034,10 +1039,15 @@ bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp o
           } else {
             if (bounce_.size() < opt_.slotBytes) bounce_.resize(opt_.slotBytes);
             readPeer(peer, want, bounce_.data(), ph->remote, n);
-            reduceInto(t.dst + t.done, t.src + t.done, bounce_.data(), n / esize, reduceType, op);
+            if (t.receivedFirst)  // the same operand order as the slot path: same bits on every rank
+              reduceInto(t.dst + t.done, bounce_.data(), t.src + t.done, n / esize, reduceType, op);
+            else
+              reduceInto(t.dst + t.done, t.src + t.done, bounce_.data(), n / esize, reduceType, op);
           }
         } else if (t.kind == Task::RecvCopy) {
           std::memcpy(t.dst + t.done, s + kPieceHeader, n);
+        } else if (t.receivedFirst) {
+          reduceInto(t.dst + t.done, s + kPieceHeader, t.src + t.done, n / esize, reduceType, op);
         } else {
           reduceInto(t.dst + t.done, t.src + t.done, s + kPieceHeader, n / esize, reduceType, op);
         }
@@ -1068,6 +1078,22 @@ bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp o
 // has published this collective or a later one, and compares: a mismatch is an error on
 // every rank, never one rank returning while the other fails or waits.
 void ShmTransport::confirmArrival(const OpDesc& desc, const std::vector<Task>& tasks, Progress& progress) {
+  // Most collectives receive from every peer they send to (an all-reduce): nothing to
+  // confirm, and nothing to allocate on the latency-bound path.
+  bool onlySent = false, anyTask = false;
+  for (size_t i = 0; i < tasks.size() && !onlySent; ++i) {
+    const Task& t = tasks[i];
+    if (t.optional) continue;
+    anyTask = true;
+    if (t.kind != Task::Send) continue;
+    onlySent = true;
+    for (const Task& u : tasks)
+      if (!u.optional && u.kind != Task::Send && u.peer == t.peer) {
+        onlySent = false;
+        break;
+      }
+  }
+  if (anyTask && !onlySent) return;
   std::vector<char> sends(size_, 0), receives(size_, 0);
   bool any = false;
   for (const Task& t : tasks) {

@@ -256,8 +256,10 @@ class HierarchyBackend(Backend):
         if L == 1:
             self._debug(buf, f"hierarchical: all_reduce over gloo ({self.num_hosts} hosts, 1 rank each)")
         else:
-            rs = self.group.pick("reduce_scatter", algorithm, nbytes, L)
-            ag = self.group.pick("all_gather", algorithm, nbytes, L)
+            # The stages are a reduce_scatter and an all_gather, which have no exchange.
+            stages = "auto" if algorithm == "exchange" else algorithm
+            rs = self.group.pick("reduce_scatter", stages, nbytes, L)
+            ag = self.group.pick("all_gather", stages, nbytes, L)
             self._debug(buf, f"hierarchical: reduce_scatter {rs} over shm ({L} ranks) + all_reduce "
                              f"over gloo ({self.num_hosts} hosts) + all_gather {ag} over shm")
             dt = DTYPES[work.dtype]

@@ -240,7 +240,9 @@ def test_double_tree_interior_ranks_are_leaves_in_the_other_tree():
 
 def test_cost_model_prefers_tree_small_and_ring_large():
     m = tuning.CostModel()
-    assert m.choose("all_reduce", 8, 8) == "tree"
+    assert m.choose("all_gather", 8, 8) == "tree"
+    assert m.choose("all_reduce", 1 << 18, 8) == "tree"  # the exchange moves 3 whole buffers
+    assert m.choose("all_reduce", 8, 8) == "exchange"  # 3 hops against the double tree's 6
     assert m.choose("all_reduce", 64 << 20, 8) == "ring"
     assert m.choose("all_reduce", 64 << 20, 2) == "ring"
     for coll in tuning.COLLECTIVES:

@@ -86,7 +86,7 @@ def job_broadcast(counts, dtypes):
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
-@pytest.mark.parametrize("algorithm", ["ring", "tree", "auto"])
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "exchange", "auto"])
 def test_all_reduce_exact(run, size, algorithm):
     results = run(size, job_all_reduce, algorithm, COUNTS, DTYPES)
     for rank, (bad, _) in enumerate(results):
@@ -193,7 +193,7 @@ def job_identical_bits(n, algorithm):
     return x.numpy().tobytes(), y.view(torch.int16).numpy().tobytes()
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "tree"])
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "exchange"])
 def test_identical_bits_on_every_rank(run, algorithm):
     results = run(3, job_identical_bits, 100_003, algorithm)
     assert all(r == results[0] for r in results)
@@ -216,6 +216,7 @@ def test_half_types_accumulate_in_float32(run):
 def job_all_collectives(counts):
     bad = job_all_reduce("ring", counts, [torch.float32, torch.int64])[0]
     bad += job_all_reduce("tree", counts, [torch.bfloat16, torch.uint8])[0]
+    bad += job_all_reduce("exchange", counts, [torch.float64, torch.int32])[0]
     for algorithm in ("ring", "tree"):
         bad += job_reduce_scatter(algorithm, counts, [torch.float32], False)
         bad += job_all_gather(algorithm, counts, [torch.int32], False)

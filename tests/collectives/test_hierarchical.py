@@ -301,8 +301,9 @@ def test_debug_log_says_hierarchical(run):
     for r, log in enumerate(_run(run, "2x2", job_debug_log, "ring")):
         assert (f"pycomm: all_reduce of 4000 B on group 0 (rank {r}/4): hierarchical: reduce_scatter "
                 "ring over shm (2 ranks) + all_reduce over gloo (2 hosts) + all_gather ring over shm") in log, log
-        # a subgroup inside one host logs the plain shared-memory line
-        assert (f"pycomm: all_reduce of 40 B on group 1 (rank {r}/2): ring over shm" in log) == (r < 2), log
+        # a subgroup inside one host logs the plain shared-memory line (40 B on 2 ranks: the
+        # cost model's exchange)
+        assert (f"pycomm: all_reduce of 40 B on group 1 (rank {r}/2): exchange over shm" in log) == (r < 2), log
         assert f"pycomm: all_gather of 64 B on group 0 (rank {r}/4): over gloo (2 hosts)" in log, log
         assert log.count("pycomm:") == (3 if r < 2 else 2), log
 

@@ -15,11 +15,13 @@ from pycomm import _C
 SEND, RECV_COPY, RECV_REDUCE = 0, 1, 2
 COLLS = {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 2, "broadcast": 3, "reduce": 6,
          "gather": 7, "scatter": 8, "all_to_all": 9}
-ALGOS = {"ring": 0, "tree": 1, "pairwise": 3}
+ALGOS = {"ring": 0, "tree": 1, "pairwise": 3, "exchange": 4}
 UNTOUCHED = -7777  # what a rank's output holds where the collective must not write
 
 
-def replay(coll, algo, size, count, piece_bytes, in_place, root=0, dtype=np.int64):
+def replay(coll, algo, size, count, piece_bytes, in_place, root=0, dtype=np.int64, combine=None):
+    """`combine(a, b)`: the reduction, a the first operand (default a + b); any other
+    combine only checks that every rank ends with the same result."""
     es = np.dtype(dtype).itemsize
     in_place = in_place or coll == "broadcast"  # broadcast has one buffer
     ranks = _C.schedule_rounds(COLLS[coll], ALGOS[algo], size, count, es, root, piece_bytes, in_place)
@@ -86,7 +88,7 @@ def replay(coll, algo, size, count, piece_bytes, in_place, root=0, dtype=np.int6
                 # No byte is written by this round's receives and also read or written by
                 # another of its messages (they run concurrently inside one group).
                 written, read = [], []
-                for kind, peer, lane, src, dst, nbytes, _ in round_:
+                for kind, peer, lane, src, dst, nbytes, *_ in round_:
                     if kind == SEND:
                         read.append((src[0], src[1], nbytes))
                     else:
@@ -98,11 +100,11 @@ def replay(coll, algo, size, count, piece_bytes, in_place, root=0, dtype=np.int6
                     for b, (br, orr, nr) in enumerate(ranges):
                         if a != b and bw == br:
                             assert ow + nw <= orr or orr + nr <= ow, f"rank {r} round {idx[r]}: race"
-            for i, (kind, peer, lane, src, dst, nbytes, soff) in enumerate(round_):
+            for i, (kind, peer, lane, src, dst, nbytes, soff, _) in enumerate(round_):
                 if kind != SEND or i in moved[r] or idx[peer] >= len(ranks[peer]["rounds"]):
                     continue
                 theirs = ranks[peer]["rounds"][idx[peer]]
-                for j, (k2, p2, l2, s2, d2, n2, so2) in enumerate(theirs):
+                for j, (k2, p2, l2, s2, d2, n2, so2, _) in enumerate(theirs):
                     if k2 != SEND and p2 == r and l2 == lane and seq[peer][idx[peer]][j] == seq[r][idx[r]][i]:
                         assert n2 == nbytes, "matched messages differ in size"
                         if scratch[peer] is None:
@@ -120,15 +122,24 @@ def replay(coll, algo, size, count, piece_bytes, in_place, root=0, dtype=np.int6
             if idx[r] < len(ranks[r]["rounds"]) and scratch[r] is not None:
                 round_ = ranks[r]["rounds"][idx[r]]
                 if len(moved[r]) == len(round_):
-                    for kind, peer, lane, src, dst, nbytes, soff in round_:
+                    for kind, peer, lane, src, dst, nbytes, soff, received_first in round_:
                         if kind == RECV_REDUCE:
                             got = scratch[r][soff:soff + nbytes].view(dtype)
-                            view(r, dst, nbytes)[:] = (view(r, src, nbytes).view(dtype) + got).view(np.uint8)
+                            mine = view(r, src, nbytes).view(dtype)
+                            a, b = (got, mine) if received_first else (mine, got)
+                            view(r, dst, nbytes)[:] = (combine or np.add)(a, b).view(np.uint8)
                     idx[r] += 1
                     moved[r], scratch[r] = set(), None
                     progress = True
         assert progress, f"deadlock: ranks stuck at rounds {idx}"
+    for r, plan in enumerate(ranks):  # as nccl.cu does after the last round
+        for dst, src, nbytes in plan["copies_after"]:
+            view(r, dst, nbytes)[:] = view(r, src, nbytes).copy()
 
+    if combine is not None:
+        for r in range(1, size):
+            np.testing.assert_array_equal(bufs[r][2], bufs[0][2], err_msg=f"rank {r} differs from rank 0")
+        return ranks
     total = sum(inputs)
     for r in range(size):
         b = bufs[r]
@@ -166,6 +177,22 @@ def test_rounds_compute_the_collective(coll, algo, size):
     for count, piece, in_place in [(0, 64, False), (1, 64, False), (7, 8, False), (37, 16, True),
                                    (37, 1 << 20, False), (100, 64, True)]:
         replay(coll, algo, size, count, piece, in_place, root=size - 1)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_rounds_compute_the_exchange_all_reduce(size):
+    for count, piece, in_place in [(0, 64, False), (1, 64, False), (7, 8, False), (37, 16, True),
+                                   (37, 1 << 20, False), (100, 64, True)]:
+        replay("all_reduce", "exchange", size, count, piece, in_place)
+
+
+@pytest.mark.parametrize("algo", ["ring", "tree", "exchange"])
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 8])
+def test_rounds_give_every_rank_the_same_bits(algo, size):
+    # A combine where the operands' order shows (a - b is not b - a): every rank must still
+    # end with the same values, as NCCL's rounds with pycomm's reduction kernel would.
+    for count, piece in [(1, 64), (37, 16)]:
+        replay("all_reduce", algo, size, count, piece, False, combine=lambda a, b: a * 3 - b)
 
 
 @pytest.mark.parametrize("coll", ["reduce", "gather", "scatter"])
