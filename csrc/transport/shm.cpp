@@ -1067,7 +1067,14 @@ bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp o
     }
   }
   planOf_ = nullptr;  // finished: a later plan at the same address starts afresh
-  if (Coll(desc.coll) != Coll::SendRecv) confirmArrival(desc, tasks, progress);
+  if (Coll(desc.coll) != Coll::SendRecv) {
+    // A one-hop collective (the exchange all-reduce) can finish without ever waiting, so
+    // without this a rank arriving after its peer gave up would return while the peer
+    // failed: both ranks must agree that this collective failed.
+    for (int r = 0; r < size_; ++r)
+      if (r != rank_ && __atomic_load_n(&header(r)->aborted, __ATOMIC_ACQUIRE)) checkPeers(desc, r);
+    confirmArrival(desc, tasks, progress);
+  }
   return true;
 }
 
