@@ -96,3 +96,12 @@ def test_bench_from_the_checkout(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         runpy.run_module("bench", run_name="__main__")
     assert e.value.code == 0 and "python -m bench kernels" in capsys.readouterr().out
+
+
+def test_checkout_folder_imported_as_kernels_is_the_one_copy():
+    # From a checkout's root the folder is also importable as `kernels` (transformers imports it
+    # while probing for Hugging Face's package): that must not register the ops a second time.
+    out = subprocess.run([sys.executable, "-c", "import kernels, pycomm.kernels as pk; "
+                          "print(kernels is pk, kernels.__name__)"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "pycomm.kernels"], out.stdout + out.stderr[-2000:]
