@@ -207,7 +207,10 @@ def plan(model: Model, cluster: Cluster, global_batch: int, *,
     world = cluster.devices
     tps = [tp] if isinstance(tp, int) else list(tp) if tp is not None else _tp_options(model, world)
     pps = [pp] if isinstance(pp, int) else list(pp) if pp is not None else _divisors(world)
-    names = list(schedules) if schedules is not None else list(pl.SCHEDULES)
+    # Default: the synchronous schedules that keep one copy of each stage (Chimera's two replicas and
+    # PipeDream-2BW's weight versions are not in the memory model, and train_gpt refuses Chimera).
+    names = list(schedules) if schedules is not None else [
+        n for n, spec in pl.SCHEDULES.items() if spec.synchronous and n != "chimera"]
     recomputes = list(recompute)
     for r in recomputes:
         if r not in RECOMPUTE:
