@@ -145,6 +145,67 @@ def _memcpy_seconds(nbytes: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def _reduce_gbps(threads: int, nbytes: int = 64 << 20) -> float:
+    """GB/s moved (two reads and a write per element) by the transport's float32 sum on
+    `threads` threads, out of cache: what more reduction threads buy on this machine."""
+    import torch
+
+    from pycomm import _C
+    from pycomm._codes import DTYPES, OPS
+
+    a, b = torch.ones(nbytes // 4), torch.ones(nbytes // 4)
+    out, pool = torch.empty_like(a), _C.ReducePool(threads)
+    best = float("inf")
+    for _ in range(4):
+        start = time.perf_counter()
+        pool.reduce(out.data_ptr(), a.data_ptr(), b.data_ptr(), a.numel(), DTYPES[torch.float32], OPS["sum"].code)
+        best = min(best, time.perf_counter() - start)
+    return 3 * nbytes / best / 1e9
+
+
+def _cma_gbps(nbytes: int = 64 << 20, chunk: int = 1 << 20) -> float | None:
+    """GB/s that process_vm_readv (cross-memory attach, the single-copy path) reads from
+    another process on this machine, in `chunk`-byte calls; None where the kernel refuses."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "process_vm_readv") or not hasattr(os, "fork"):
+        return None
+
+    class IOVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    src = mmap.mmap(-1, nbytes)
+    src.write(b"\1" * nbytes)
+    remote = ctypes.addressof(ctypes.c_char.from_buffer(src))
+    dst = ctypes.create_string_buffer(nbytes)
+    local = ctypes.addressof(dst)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the peer: holds its copy of the pages until told to go
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        best = float("inf")
+        for _ in range(4):
+            start = time.perf_counter()
+            for off in range(0, nbytes, chunk):
+                n = min(chunk, nbytes - off)
+                mine, theirs = IOVec(local + off, n), IOVec(remote + off, n)
+                if libc.process_vm_readv(pid, ctypes.byref(mine), 1, ctypes.byref(theirs), 1, 0) != n:
+                    return None
+            best = min(best, time.perf_counter() - start)
+        return nbytes / best / 1e9
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+        del dst
+
+
 def _pycomm_call(op, inp, out, algorithm):
     """The pycomm call of one row (a callable, timed as is)."""
     import pycomm
@@ -550,6 +611,20 @@ def main(argv=None) -> int:
     print(f"# pycomm collectives benchmark: {args.nprocs} processes"
           f"{f' as {args.hosts} simulated hosts' if args.hosts > 1 else ''}, {info['cpu']} ({info['cores']} cores), "
           f"torch {info['torch']}, {info['date']}", flush=True)
+    if args.device == "cpu":
+        from pycomm._rendezvous import reduce_threads
+        from pycomm._settings import Settings
+
+        counts = sorted({1, 2, info["cores"]} & set(range(1, info["cores"] + 1)))
+        info["reduce_gbps"] = {n: _reduce_gbps(n) for n in counts}
+        mine = reduce_threads(Settings.from_env(), args.nprocs)
+        print("# reduction (float32 sum, 64 MiB, GB/s moved): "
+              + ", ".join(f"{n} thread{'s' if n > 1 else ''} {g:.1f}" for n, g in info["reduce_gbps"].items())
+              + f"; each rank reduces on {mine} (PYCOMM_SHM_REDUCE_THREADS)", flush=True)
+        info["cma_gbps"], info["memcpy_gbps"] = _cma_gbps(), (64 << 20) / _memcpy_seconds(64 << 20, 4) / 1e9
+        cma = f"{info['cma_gbps']:.1f} GB/s" if info["cma_gbps"] else "refused by this kernel"
+        print(f"# single copy's read (process_vm_readv of another process, 1 MiB calls, 64 MiB): {cma}; "
+              f"memcpy {info['memcpy_gbps']:.1f} GB/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="pycomm-bench-") as tmp:
         cfg = dict(dtype=args.dtype, sizes=_sizes(args.begin, args.end, args.factor), ops=ops,
                    algorithms=algorithms, iters=args.iters, warmup=args.warmup,

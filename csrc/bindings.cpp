@@ -98,7 +98,26 @@ PYBIND11_MODULE(_C, m) {
                              "why the probe failed ('' if it did not)")
       .def_property_readonly("single_copy_sent", &ShmTransport::singleCopySent,
                              "bytes this rank has sent single-copy")
+      .def("set_reduce_threads", &ShmTransport::setReduceThreads, py::arg("threads"),
+           "while no collective runs: threads this rank reduces received pieces with")
+      .def_property_readonly("reduce_threads", &ShmTransport::reduceThreads)
 ;
+
+  py::class_<ReducePool>(m, "ReducePool",
+                         "the transport's elementwise reduction on several threads (tests, bench)")
+      .def(py::init<int>(), py::arg("threads"))
+      .def_property_readonly("threads", &ReducePool::threads)
+      .def(
+          "reduce",
+          [](ReducePool& p, uintptr_t dst, uintptr_t a, uintptr_t b, size_t count, int dtype, int op) {
+            if (dtype < 0 || dtype >= kNumDTypes || op < 0 || op >= kNumRedOps)
+              throw std::invalid_argument("unknown dtype or op code");
+            py::gil_scoped_release nogil;
+            p.reduce(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(a),
+                     reinterpret_cast<const void*>(b), count, DType(dtype), RedOp(op));
+          },
+          py::arg("dst"), py::arg("a"), py::arg("b"), py::arg("count"), py::arg("dtype"), py::arg("op"),
+          "dst[i] = a[i] op b[i] for raw addresses (codes as DTYPES/REDOPS)");
 
   py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
       .def(py::init<std::shared_ptr<Transport>>(), py::arg("transport"))

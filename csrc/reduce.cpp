@@ -3,7 +3,9 @@
 // the reduction is memory-bound only if it uses the widest vectors the CPU has.
 #include "reduce.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 
 namespace pycomm {
 namespace {
@@ -116,6 +118,91 @@ void reduceInto(void* dst, const void* a, const void* b, size_t n, DType t, RedO
       throw std::invalid_argument(std::string("no reduction kernel for ") + dtypeName(t) +
                                   "; reduce it as float32");
   }
+}
+
+namespace {
+inline void cpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+// Pause iterations a helper spins for the next piece before it sleeps (tens of µs).
+constexpr int kSpins = 4096;
+}  // namespace
+
+ReducePool::ReducePool(int threads) {
+  if (threads < 1 || threads > 256)
+    throw std::invalid_argument("reduction threads must be 1..256, got " + std::to_string(threads));
+  helpers_.reserve(size_t(threads - 1));
+  for (int i = 1; i < threads; ++i) helpers_.emplace_back(&ReducePool::helper, this, i);
+}
+
+ReducePool::~ReducePool() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+    generation_.fetch_add(1, std::memory_order_release);
+  }
+  wake_.notify_all();
+  for (auto& t : helpers_) t.join();
+}
+
+void ReducePool::part(int index) {
+  const Job& j = job_;
+  const size_t begin = std::min(j.count, size_t(index) * j.per);
+  const size_t end = std::min(j.count, begin + j.per);
+  if (end > begin)
+    reduceInto(j.dst + begin * j.esize, j.a + begin * j.esize, j.b + begin * j.esize, end - begin, j.dtype,
+               j.op);
+}
+
+void ReducePool::helper(int index) {
+  uint64_t seen = 0;
+  for (;;) {
+    int spins = 0;
+    uint64_t g;
+    while ((g = generation_.load(std::memory_order_acquire)) == seen) {
+      if (++spins < kSpins) {
+        cpuRelax();
+        continue;
+      }
+      std::unique_lock<std::mutex> lock(mutex_);
+      ++sleepers_;
+      wake_.wait(lock, [&] { return stop_ || generation_.load(std::memory_order_acquire) != seen; });
+      --sleepers_;
+      spins = 0;
+    }
+    seen = g;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (stop_) return;
+    }
+    part(index);  // validated by the caller: cannot throw
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+void ReducePool::reduce(void* dst, const void* a, const void* b, size_t count, DType dtype, RedOp op) {
+  const size_t esize = dtypeSize(dtype);
+  const int n = threads();
+  if (n == 1 || count * esize < kSplitFrom * size_t(n)) return reduceInto(dst, a, b, count, dtype, op);
+  reduceInto(dst, a, b, 0, dtype, op);  // throws here, not in a helper, for a pair without a kernel
+  // Parts of whole cache lines, so no two threads write one line.
+  const size_t line = std::max<size_t>(1, 64 / esize);
+  size_t per = (count + size_t(n) - 1) / size_t(n);
+  per = (per + line - 1) / line * line;
+  job_ = Job{static_cast<char*>(dst), static_cast<const char*>(a), static_cast<const char*>(b), count, per,
+             esize, dtype, op};
+  pending_.store(n - 1, std::memory_order_relaxed);
+  generation_.fetch_add(1, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (sleepers_) wake_.notify_all();
+  }
+  part(0);
+  while (pending_.load(std::memory_order_acquire) != 0) cpuRelax();
 }
 
 }  // namespace pycomm

@@ -166,12 +166,24 @@ def single_copy_from(settings: Settings, model: tuning.CostModel) -> int:
     return model.single_copy_from()
 
 
+def reduce_threads(settings: Settings, host_procs: int, cores: int | None = None) -> int:
+    """Threads a rank reduces with (PYCOMM_SHM_REDUCE_THREADS; 0: auto).  Auto shares the
+    cores this process may run on among the job's `host_procs` processes on its host and
+    never oversubscribes: 2 ranks on 2 cores reduce on one thread each, 2 on 16 on eight
+    (at most eight: by then memory bandwidth, not cores, bounds a reduction)."""
+    if settings.shm_reduce_threads > 0:
+        return min(settings.shm_reduce_threads, 256)
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, host_procs)))
+
+
 def shm_transport(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, ...], token: str,
                   timeout: float, label: str, settings: Settings,
-                  model: tuning.CostModel) -> _C.ShmTransport:
+                  model: tuning.CostModel, host_procs: int = 1) -> _C.ShmTransport:
     """The shared-memory set-up of one group (see the module docstring); every member
     calls it with the same prefix, token and label.  `ranks` (global ranks) name peers in
-    errors."""
+    errors; `host_procs`: the job's processes on this host (what its cores are shared by)."""
     size = len(ranks)
     names = [segment_name(token, label, r) for r in range(size)]
     name = names[rank]
@@ -182,6 +194,7 @@ def shm_transport(store: dist.Store, prefix: str, rank: int, ranks: tuple[int, .
         lanes=3,  # two for the double binary tree, one for point-to-point messages
     )
     transport.set_single_copy(single_copy_from(settings, model))
+    transport.set_reduce_threads(reduce_threads(settings, host_procs))
     mine = (settings.shm_slot_bytes, settings.shm_slots)
     layout = f"{mine[0]},{mine[1]}"
     try:

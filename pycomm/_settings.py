@@ -75,6 +75,10 @@ class Settings:
     shm_single_copy: str = "auto"
     """PYCOMM_SHM_SINGLE_COPY: 'auto' (single-copy sends from the size the cost model says),
     'always' or 'never' (slots only); single copy needs the start-up probe to succeed"""
+    shm_reduce_threads: int = 0
+    """PYCOMM_SHM_REDUCE_THREADS: threads each rank reduces received pieces with; 0 ('auto'):
+    the cores this process may run on divided by the job's processes on its host, so
+    never more threads than idle cores (1 for 2 ranks on 2 cores)"""
     host_id: str = ""
     """PYCOMM_HOST_ID: overrides the host identity that groups ranks into hosts"""
     cuda_transport: str = "auto"
@@ -109,6 +113,8 @@ class Settings:
             shm_slot_bytes=_int("PYCOMM_SHM_SLOT_BYTES", 256 * 1024, minimum=4096),
             shm_slots=_int("PYCOMM_SHM_SLOTS", 4, minimum=2),
             shm_single_copy=_choice("PYCOMM_SHM_SINGLE_COPY", ("auto", "always", "never"), "auto"),
+            shm_reduce_threads=(0 if _text("PYCOMM_SHM_REDUCE_THREADS").lower() == "auto"
+                                else _int("PYCOMM_SHM_REDUCE_THREADS", 0, minimum=0)),
             host_id=_text("PYCOMM_HOST_ID"),
             cuda_transport=_choice("PYCOMM_CUDA_TRANSPORT", ("auto", "ipc", "nccl"), "auto"),
             cuda_oneshot_bytes=_int("PYCOMM_CUDA_ONESHOT_BYTES", 256 * 1024),

@@ -78,14 +78,16 @@ class Context:
         with `token` (a shrunk group keeps its gid under a fresh token and prefix)."""
         g = Group(ranks=ranks, rank=ranks.index(self.rank) if self.rank in ranks else -1, gid=gid,
                   timeout=self.timeout, model=self.model, settings=self.settings,
-                  hosts=tuple(self.hosts[r] for r in ranks), key=prefix)
+                  hosts=tuple(self.hosts[r] for r in ranks), key=prefix,
+                  host_procs=self.hosts.count(self.hosts[self.rank]))
         self.groups.append(g)
         if g.rank < 0:
             return g
         cpu: Backend
         if len(set(g.hosts)) == 1:
             transport = _rendezvous.shm_transport(self.store, prefix, g.rank, ranks, token,
-                                                  self.timeout, f"g{gid}", self.settings, self.model)
+                                                  self.timeout, f"g{gid}", self.settings, self.model,
+                                                  g.host_procs)
             cpu = ShmBackend(g, transport)
             barrier = cpu._barrier
         else:

@@ -80,6 +80,8 @@ class Group:
     """the backend of each device type ("cpu", "cuda"), chosen when the group was built"""
     hosts: tuple[str, ...] = field(default=(), repr=False)
     """host identity of each member"""
+    host_procs: int = field(default=1, repr=False)
+    """processes of the whole job on this process's host: what its cores are shared by"""
     key: str = field(default="", repr=False)
     """the group's prefix in the rendezvous store (pycomm.shrink agrees under it)"""
     native: _C.NativeAllReduce | None = field(default=None, repr=False)

@@ -1040,16 +1040,16 @@ bool ShmTransport::run(Plan& plan, const OpDesc& desc, DType reduceType, RedOp o
             if (bounce_.size() < opt_.slotBytes) bounce_.resize(opt_.slotBytes);
             readPeer(peer, want, bounce_.data(), ph->remote, n);
             if (t.receivedFirst)  // the same operand order as the slot path: same bits on every rank
-              reduceInto(t.dst + t.done, bounce_.data(), t.src + t.done, n / esize, reduceType, op);
+              reducer_->reduce(t.dst + t.done, bounce_.data(), t.src + t.done, n / esize, reduceType, op);
             else
-              reduceInto(t.dst + t.done, t.src + t.done, bounce_.data(), n / esize, reduceType, op);
+              reducer_->reduce(t.dst + t.done, t.src + t.done, bounce_.data(), n / esize, reduceType, op);
           }
         } else if (t.kind == Task::RecvCopy) {
           std::memcpy(t.dst + t.done, s + kPieceHeader, n);
         } else if (t.receivedFirst) {
-          reduceInto(t.dst + t.done, s + kPieceHeader, t.src + t.done, n / esize, reduceType, op);
+          reducer_->reduce(t.dst + t.done, s + kPieceHeader, t.src + t.done, n / esize, reduceType, op);
         } else {
-          reduceInto(t.dst + t.done, t.src + t.done, s + kPieceHeader, n / esize, reduceType, op);
+          reducer_->reduce(t.dst + t.done, t.src + t.done, s + kPieceHeader, n / esize, reduceType, op);
         }
         recvTail_[q] = tail + 1;
         storeRelease(&c->tail, tail + 1);

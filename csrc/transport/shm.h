@@ -16,10 +16,12 @@
 
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "reduce.h"
 #include "transport/transport.h"
 
 namespace pycomm {
@@ -85,6 +87,11 @@ class ShmTransport final : public Transport {
   const std::string& singleCopyWhy() const { return readWhy_; }
   // Bytes this rank has sent single-copy so far (tests check which path ran).
   uint64_t singleCopySent() const { return singleCopySent_; }
+
+  // Threads this rank reduces a received piece with (reduce.h's ReducePool); set while no
+  // collective runs.
+  void setReduceThreads(int threads) { reducer_ = std::make_unique<ReducePool>(threads); }
+  int reduceThreads() const { return reducer_->threads(); }
 
  private:
   struct Mapping {
@@ -158,6 +165,7 @@ class ShmTransport final : public Transport {
   std::vector<std::deque<InFlight>> inflight_;
   std::vector<size_t> posted_;
   std::vector<signed char> viaPeer_;  // -1 undecided, 0 slots, 1 single copy
+  std::unique_ptr<ReducePool> reducer_ = std::make_unique<ReducePool>(1);
   const Plan* planOf_ = nullptr;
   uint64_t planSeq_ = 0;
   std::vector<char> bounce_;  // a received piece to reduce, read out of the sender's memory

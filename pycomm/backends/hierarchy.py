@@ -114,7 +114,7 @@ class HierarchyBackend(Backend):
                 self._transport = _rendezvous.shm_transport(
                     store, f"{prefix}h{self.host}/", self.local_index,
                     tuple(self.global_ranks(members)), token, group.timeout,
-                    f"g{group.gid}h{self.host}", group.settings, group.model)
+                    f"g{group.gid}h{self.host}", group.settings, group.model, group.host_procs)
                 self.local = _C.Communicator(self._transport)
                 self.cross = _gloo(store, f"{prefix}x{self.local_index}/", self.host, self.num_hosts,
                                    group.timeout)

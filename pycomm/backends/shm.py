@@ -87,7 +87,9 @@ class ShmBackend(Backend):
         progress is Python's (around every collective)"""
         if group.settings.debug:
             print(f"pycomm: group {group.gid} (rank {group.rank}/{group.size}): shm transport, "
-                  f"{self.single_copy()}", flush=True)
+                  f"{self.single_copy()}, reduction on {transport.reduce_threads} thread(s) "
+                  f"(PYCOMM_SHM_REDUCE_THREADS={group.settings.shm_reduce_threads or 'auto'}; "
+                  f"{group.host_procs} process(es) on this host)", flush=True)
 
     def single_copy(self) -> str:
         """The single-copy path as the start-up probe left it, for PYCOMM_DEBUG."""

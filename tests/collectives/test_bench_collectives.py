@@ -35,13 +35,32 @@ def test_bench_repeat_prints_median_and_spread_with_the_machine_counters(tmp_pat
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "# repeat 2 of 2" in proc.stdout and "min-max busbw" in proc.stdout and "memcpy" in proc.stdout
+    assert "# reduction (float32 sum" in proc.stdout and "single copy's read" in proc.stdout
     data = json.loads(js.read_text())
     assert data["machine"]["repeat"] == 2
+    # What more reduction threads and cross-memory attach would give on this machine.
+    assert data["machine"]["reduce_gbps"]["1"] > 0 and data["machine"]["memcpy_gbps"] > 0
+    assert data["machine"]["cma_gbps"] is None or data["machine"]["cma_gbps"] > 0
     for r in data["rows"]:
         assert r["repeats"] == 2 and len(r["busbw_runs"]) == 2 and len(r["gloo_busbw_runs"]) == 2
         assert r["busbw_min"] <= r["busbw"] <= r["busbw_max"]
         assert r["memcpy_gbps"] > 0 and r["wait_us"] >= 0 and r["ivcsw"] >= 0 and "gloo_wait_us" in r
     assert png.stat().st_size > 10_000
+
+
+def test_bench_modes_alternates_pycomm_and_open_mpi(tmp_path):
+    js = tmp_path / "m.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "modes", "--rounds", "2", "--size", "64K", "--iters", "20",
+         "--json", str(js)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rounds = json.loads(js.read_text())["rounds"]
+    assert len(rounds) == 2 and all(r["pycomm_us"] > 0 and r["steal_pct"] >= 0 for r in rounds)
+    if "no Open MPI" in proc.stdout:
+        assert all(r["mpi_us"] is None for r in rounds)
+    else:
+        assert all(r["mpi_us"] > 0 for r in rounds) and "# Open MPI: median" in proc.stdout
 
 
 def test_bench_anchor_mpi_adds_rows_or_says_how(tmp_path):
