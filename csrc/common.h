@@ -59,6 +59,15 @@ std::string describe(const OpDesc& d);
 
 using Clock = std::chrono::steady_clock;
 
+// One pause of a spin-wait loop (the CPU's spin hint).
+inline void cpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 // Base of all communication failures; the subclasses let Python tell them apart.
 class CommError : public std::runtime_error {
  public:

@@ -121,13 +121,6 @@ void reduceInto(void* dst, const void* a, const void* b, size_t n, DType t, RedO
 }
 
 namespace {
-inline void cpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
 // Pause iterations a helper spins for the next piece before it sleeps (tens of µs).
 constexpr int kSpins = 4096;
 }  // namespace

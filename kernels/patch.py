@@ -459,11 +459,7 @@ def _visit(parent: nn.Module, name: str, m: nn.Module, path: str, on: dict, repo
         return True
     state, why = _rms_match(m)
     if state is not None or why is not None:
-        if why is not None:
-            report.left["rms_norm"].append(f"{path}: {cls} {why}")
-        elif not on["rms_norm"]:
-            report.left["rms_norm"].append(f"{path}: rms_norm=False")
-        else:
+        if _wanted(report, on, "rms_norm", path, cls, why):
             eps_name, offset = state
             _swap(m, "rms_norm", _rms_forward, eps=eps_name, offset=offset)
             form = " (1 + weight)" if offset else ""
@@ -471,25 +467,28 @@ def _visit(parent: nn.Module, name: str, m: nn.Module, path: str, on: dict, repo
         return True
     state, why = _swiglu_match(m)
     if state is not None or why is not None:
-        if why is not None:
-            report.left["swiglu"].append(f"{path}: {cls} {why}")
-            return False
-        if not on["swiglu"]:
-            report.left["swiglu"].append(f"{path}: swiglu=False")
-            return False
+        if not _wanted(report, on, "swiglu", path, cls, why):
+            return False  # its Linears may still be swapped
         _swap(m, "swiglu", _swiglu_forward, **state)
         report.swapped["swiglu"].append(f"{path}: {cls} -> kernels.swiglu_mlp")
         return True
     forward, why = _rope_match(m)
-    if forward is not None or why is not None:
-        if why is not None:
-            report.left["rope"].append(f"{path}: {cls} {why}")
-        elif not on["rope"]:
-            report.left["rope"].append(f"{path}: rope=False")
-        else:
-            _swap(m, "rope", forward)
-            report.swapped["rope"].append(f"{path}: {cls}.apply_rotary_pos_emb -> kernels.rope")
+    if (forward is not None or why is not None) and _wanted(report, on, "rope", path, cls, why):
+        _swap(m, "rope", forward)
+        report.swapped["rope"].append(f"{path}: {cls}.apply_rotary_pos_emb -> kernels.rope")
     return False
+
+
+def _wanted(report, on, kind: str, path: str, cls: str, why: str | None) -> bool:
+    """Whether a module that matched `kind` is swapped: not if the match found a reason
+    against it (`why`) or the caller turned `kind` off; the report says which."""
+    if why is not None:
+        report.left[kind].append(f"{path}: {cls} {why}")
+        return False
+    if not on[kind]:
+        report.left[kind].append(f"{path}: {kind}=False")
+        return False
+    return True
 
 
 def _hf_attention_modules(model: nn.Module) -> list[str]:

@@ -15,7 +15,9 @@ import datetime
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import tempfile
+import threading
 import time
 import traceback
 
@@ -91,6 +93,19 @@ def catch(fn) -> tuple[str | None, str]:
     except Exception as e:  # noqa: BLE001 - the test inspects it
         return type(e).__name__, str(e)
     return None, ""
+
+
+def until_killed(victim: bool, fn, delay: float = 0.3, limit: float = 30.0) -> tuple[str | None, str, float]:
+    """Kills this process with SIGKILL `delay` seconds from now if it is the `victim`, and
+    calls fn() until it raises or `limit` seconds pass: (type name, message, seconds after
+    the kill that the failure was noticed).  What a survivor of a killed peer checks."""
+    if victim:
+        threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    start = time.monotonic()
+    while True:
+        etype, msg = catch(fn)
+        if etype or time.monotonic() - start > limit:
+            return etype, msg, time.monotonic() - start - delay
 
 
 class WorkerDied(RuntimeError):

@@ -40,14 +40,6 @@ static_assert(sizeof(PieceHeader) <= kPieceHeader, "piece header fits its slot p
 inline uint64_t loadAcquire(const uint64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 inline void storeRelease(uint64_t* p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
-inline void cpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
 // Field 22 of /proc/<pid>/stat (start time in clock ticks) and the state letter: together
 // with the pid they tell a live peer from a dead one, a zombie, or a recycled pid.
 bool procStat(int64_t pid, char* state, uint64_t* startTime) {

@@ -196,14 +196,7 @@ def job_killed_mid_collective(victim, count):
     r, p = pycomm.get_rank(), pycomm.get_world_size()
     sub = pycomm.new_group(range(1, p)) if p == 4 else None  # a subgroup that loses a member too
     t = torch.ones(count)
-    if r == victim:
-        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-    start = time.monotonic()
-    while True:
-        etype, msg = world.catch(lambda: pycomm.all_reduce(t, algorithm="ring"))
-        if etype or time.monotonic() - start > 30:
-            break
-    noticed = time.monotonic() - start - 0.3  # seconds after the kill
+    etype, msg, noticed = world.until_killed(r == victim, lambda: pycomm.all_reduce(t, algorithm="ring"))
     in_sub = None
     if sub is not None and sub.rank >= 0:  # its survivors shrink it alone: same gid, ranks renumbered
         s = pycomm.shrink(sub)

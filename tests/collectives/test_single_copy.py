@@ -3,10 +3,6 @@ single copy (the receiver reads the sender's buffer with process_vm_readv) and t
 (PYCOMM_SHM_SINGLE_COPY=never, also the fallback when the start-up probe cannot read a
 peer); and a rank killed while its peers read its memory."""
 import ctypes
-import os
-import signal
-import threading
-import time
 
 import pytest
 import torch
@@ -141,14 +137,8 @@ def job_killed_while_read(victim: int, count: int):
         world.restart(timeout=10.0)
     t = torch.ones(count)
     pycomm.all_reduce(t)  # everyone is in the group before the clock starts
-    if pycomm.get_rank() == victim:
-        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-    start = time.monotonic()
-    while True:
-        etype, msg = world.catch(lambda: pycomm.all_reduce(t, algorithm="ring"))
-        if etype or time.monotonic() - start > 30:
-            break
-    noticed = time.monotonic() - start - 0.3
+    etype, msg, noticed = world.until_killed(pycomm.get_rank() == victim,
+                                             lambda: pycomm.all_reduce(t, algorithm="ring"))
     sent = _transport().single_copy_sent
     pycomm.destroy_process_group()
     return etype, msg, noticed, sent
