@@ -247,6 +247,7 @@ def _rank_main(cfg: dict):
     import torch.distributed as dist
 
     import pycomm
+    from pycomm.backends.shared import SHARED_FROM
 
     rank, n = pycomm.get_rank(), pycomm.get_world_size()
     dtype = getattr(torch, cfg["dtype"])
@@ -348,11 +349,22 @@ def _rank_main(cfg: dict):
             for algorithm in cfg["algorithms"]:
                 if op == "all_to_all" and algorithm != cfg["algorithms"][0]:
                     continue  # one algorithm (pairwise)
-                seconds = timed(_pycomm_call(op, inp.clone(), out, algorithm), iters, cfg["warmup"])
+                # --registered: all_reduce's buffers from pycomm.empty (shared memory from the start).
+                registered = cfg.get("registered") and op == "all_reduce" and not cuda
+
+                def fresh(t):
+                    if not registered:
+                        return t.clone()
+                    buf = pycomm.empty(t.shape, dtype=t.dtype)
+                    buf.copy_(t)
+                    return buf
+
+                seconds = timed(_pycomm_call(op, fresh(inp), out, algorithm), iters, cfg["warmup"])
                 sched = dict(counters)
                 # Check once, outside the timing, on fresh inputs.
                 chk_in, chk_out, chk_want = (t.to(dev) if t is not None else None
                                              for t in _verifiable(op, rank, n, count, dtype))
+                chk_in = fresh(chk_in)
                 _pycomm_call(op, chk_in, chk_out, algorithm)()
                 got = chk_in if op in ("all_reduce", "reduce", "broadcast") else chk_out
                 sync()
@@ -362,6 +374,8 @@ def _rank_main(cfg: dict):
                 chosen = "pairwise" if op == "all_to_all" else algorithm
                 if algorithm == "auto" and op != "all_to_all":
                     chosen = "auto:" + pycomm.get_cost_model().choose(op, nbytes, n)
+                    if registered and nbytes >= SHARED_FROM and n > 1:
+                        chosen = "auto:registered"
                 algbw = nbytes / seconds / 1e9
                 row = dict(op=op, size=nbytes, count=count, type=cfg["dtype"],
                            redop="sum" if op in REDUCES else "none", algorithm=chosen,
@@ -523,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the sweep N times (with gloo and Open MPI interleaved) and print the "
                         "median busbw with min and max (default 1)")
     p.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
+    p.add_argument("--registered", action="store_true",
+                   help="all_reduce pycomm's rows in buffers from pycomm.empty (shared memory from the start)")
     p.add_argument("--anchor", default="", choices=["", "mpi"],
                    help="mpi: also time every row with Open MPI (mpirun + mpi4py) in this run")
     p.add_argument("--hosts", type=int, default=1,
@@ -629,6 +645,7 @@ def main(argv=None) -> int:
         cfg = dict(dtype=args.dtype, sizes=_sizes(args.begin, args.end, args.factor), ops=ops,
                    algorithms=algorithms, iters=args.iters, warmup=args.warmup,
                    gloo=not args.no_gloo and args.device == "cpu", device=args.device,
+                   registered=args.registered,
                    gloo_store=os.path.join(tmp, "gloo"), progress=not args.no_progress)
         mpi_ok, why = bench_mpi.available() if args.anchor == "mpi" else (False, "")
         if args.anchor == "mpi" and not mpi_ok:

@@ -30,6 +30,7 @@ from pycomm.collectives import (
     barrier,
     batch_isend_irecv,
     broadcast,
+    empty,
     gather,
     irecv,
     isend,
@@ -70,6 +71,6 @@ __all__ = [
     "init_process_group", "destroy_process_group", "new_group", "get_rank", "get_world_size",
     "is_initialized", "get_cost_model", "Group", "shrink",
     "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "gather", "scatter",
-    "all_to_all", "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv", "P2POp",
+    "all_to_all", "barrier", "empty", "send", "recv", "isend", "irecv", "batch_isend_irecv", "P2POp",
     "Work", "CommError", "CommTimeoutError", "CommMismatchError", "CostModel",
 ]

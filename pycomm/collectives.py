@@ -99,6 +99,22 @@ def _rank(fn: str, arg: str, value, g: Group) -> int:
 # ---------------------------------------------------------------------------- collectives
 
 
+def empty(*size, dtype: torch.dtype = torch.float32, group: Group | None = None) -> torch.Tensor:
+    """A CPU tensor in shared memory that every rank of the group maps (a registered buffer,
+    like the buckets DDP all-reduces every step): its all-reduces (algorithm="auto", from
+    64 KiB) read the peers' data where it lies instead of sending it through the transport.
+    Every rank calls it with the same size and dtype, like a collective.  Where the group's
+    transport has no such buffers (a group across hosts), a plain tensor."""
+    g = group_or_world(group)
+    if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+        size = tuple(size[0])
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in size):
+        raise TypeError(f"pycomm.empty: size must be non-negative ints, like torch.empty's, not {size!r}")
+    if dtype not in _codes.DTYPES and dtype not in _codes.HALF:
+        raise TypeError(f"pycomm.empty: dtype {dtype} is not one pycomm moves; use one of {_codes.SUPPORTED}")
+    return g.backends["cpu"].empty(tuple(size), dtype)
+
+
 def all_reduce(tensor: torch.Tensor, op="sum", algorithm: str = "auto", group: Group | None = None,
                async_op: bool = False):
     """Reduces `tensor` across the group, in place, on every rank."""

@@ -63,6 +63,7 @@ bool NativeAllReduce::run(py::handle tensor, py::handle op, py::handle algorithm
   const at::Tensor& t = THPVariable_Unpack(tensor.ptr());
   const int dtype = dtypeOf(t);
   if (dtype < 0) return false;
+  if (anyShared_.load(std::memory_order_acquire) && isShared(t)) return false;
   const int rop = opOf(op.ptr(), !at::isFloatingType(t.scalar_type()));
   if (rop < 0) return false;
   const size_t bytes = size_t(t.numel()) * t.element_size();
@@ -82,6 +83,30 @@ bool NativeAllReduce::run(py::handle tensor, py::handle op, py::handle algorithm
   py::gil_scoped_release nogil;
   comm_->collective(a, DType(dtype), RedOp(rop), timeout());
   return true;
+}
+
+void NativeAllReduce::addShared(uintptr_t base, size_t bytes) {
+  std::lock_guard<std::mutex> lock(sharedMutex_);
+  shared_.emplace_back(base, bytes);
+  anyShared_.store(true, std::memory_order_release);
+}
+
+void NativeAllReduce::removeShared(uintptr_t base) {
+  std::lock_guard<std::mutex> lock(sharedMutex_);
+  for (size_t i = 0; i < shared_.size(); ++i)
+    if (shared_[i].first == base) {
+      shared_.erase(shared_.begin() + long(i));
+      break;
+    }
+  anyShared_.store(!shared_.empty(), std::memory_order_release);
+}
+
+bool NativeAllReduce::isShared(const at::Tensor& t) const {
+  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  std::lock_guard<std::mutex> lock(sharedMutex_);
+  for (const auto& [base, bytes] : shared_)
+    if (p >= base && p < base + bytes) return true;
+  return false;
 }
 
 CollArgs NativeAllReduce::args(const at::Tensor& t, Algo algo) const {
@@ -125,6 +150,9 @@ void bindNative(py::module_& m) {
       .def("__call__", &NativeAllReduce::run, py::arg("tensor"), py::arg("op"), py::arg("algorithm"),
            "runs a blocking all_reduce now if it needs no Python; returns whether it did")
       .def_property("enabled", &NativeAllReduce::enabled, &NativeAllReduce::setEnabled)
+      .def("add_shared", &NativeAllReduce::addShared, py::arg("base"), py::arg("bytes"),
+           "a registered shared buffer: its all-reduces go to the Python path")
+      .def("remove_shared", &NativeAllReduce::removeShared, py::arg("base"))
       .def_property("timeout", &NativeAllReduce::timeout, &NativeAllReduce::setTimeout);
 }
 

@@ -18,6 +18,10 @@
 #include <memory>
 #include <string>
 
+#include <mutex>
+#include <utility>
+#include <vector>
+
 #include "algorithms/cost.h"
 #include "communicator.h"
 #include "worker.h"
@@ -47,6 +51,11 @@ class NativeAllReduce {
   void setEnabled(bool on) { enabled_.store(on, std::memory_order_release); }
   bool enabled() const { return enabled_.load(std::memory_order_acquire); }
 
+  // Registered shared-memory buffers (pycomm.empty): their all-reduces are left to the
+  // Python path, which reduces straight out of the peers' buffers.
+  void addShared(uintptr_t base, size_t bytes);
+  void removeShared(uintptr_t base);
+
   // Seconds a collective may wait for a peer (the group's timeout, which may change).
   double timeout() const { return timeout_.load(std::memory_order_relaxed); }
   void setTimeout(double s) { timeout_.store(s, std::memory_order_relaxed); }
@@ -61,6 +70,10 @@ class NativeAllReduce {
   Algo forced_;  // PYCOMM_ALGO's all_reduce choice, or Algo::None
   std::atomic<double> timeout_;
   std::atomic<bool> enabled_{true};
+  bool isShared(const at::Tensor& t) const;
+  mutable std::mutex sharedMutex_;
+  std::vector<std::pair<uintptr_t, size_t>> shared_;  // (base, bytes)
+  std::atomic<bool> anyShared_{false};
 };
 
 }  // namespace pycomm

@@ -219,6 +219,11 @@ class Backend:
         work.wait()
         return None
 
+    def empty(self, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """pycomm.empty: a tensor whose all-reduces this backend can run faster than any
+        other's (a registered buffer where the transport has them); a plain one here."""
+        return torch.empty(size, dtype=dtype)
+
     def close(self) -> None:
         """Releases the transport's resources (destroy_process_group)."""
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from pycomm import _C, tuning
-from pycomm._codes import ALGORITHMS, COLLECTIVES, DTYPES, NONE, Op
-from pycomm.backends import Backend, P2PItem
+from pycomm._codes import ALGORITHMS, COLLECTIVES, DTYPES, HALF, NONE, Op
+from pycomm.backends import Backend, P2PItem, _finish, shared
 from pycomm.errors import CommError
 from pycomm.work import Driven
 
@@ -80,6 +80,12 @@ class ShmBackend(Backend):
         # however long their Work lives.
         self._inflight: dict[int, _Message] = {}
         self._lock = threading.Lock()  # posting + registering, and reaping, are atomic
+        self._shared: dict[int, shared.SharedBuffer] = {}
+        """registered buffers (pycomm.empty) by this rank's base address"""
+        self._pool: _C.ReducePool | None = None
+        self._serial = 0
+        self.registered_all_reduces = 0
+        """all-reduces run out of registered buffers (tests check which path ran)"""
         m = group.model
         self.native = None if group.settings.debug else _C.NativeAllReduce(
             group.worker, self.comm, m.alpha, m.beta, m.gamma, group.settings.algo, group.timeout)
@@ -90,6 +96,61 @@ class ShmBackend(Backend):
                   f"{self.single_copy()}, reduction on {transport.reduce_threads} thread(s) "
                   f"(PYCOMM_SHM_REDUCE_THREADS={group.settings.shm_reduce_threads or 'auto'}; "
                   f"{group.host_procs} process(es) on this host)", flush=True)
+
+    # ------------------------------------------------------------------ registered buffers
+
+    def empty(self, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        made: list[torch.Tensor] = []
+
+        def run() -> list:
+            made.append(shared.create(self, size, dtype))
+            return made
+
+        self.submit("empty", run, (), False)  # after the group's queued work, like a collective
+        return made[0]
+
+    def next_serial(self) -> int:
+        self._serial += 1
+        return self._serial
+
+    def register(self, buf: shared.SharedBuffer) -> None:
+        self._shared[buf.bases[self.rank]] = buf
+        if self.native is not None:
+            self.native.add_shared(buf.bases[self.rank], buf.nbytes)
+
+    def unregister(self, base: int) -> None:
+        if self._shared.pop(base, None) is not None and self.native is not None:
+            self.native.remove_shared(base)
+
+    def _shared_of(self, t: torch.Tensor, algorithm: str) -> shared.SharedBuffer | None:
+        """The registered buffer `t` lies in, where its all-reduce takes the shared path."""
+        nbytes = t.numel() * t.element_size()
+        if (not self._shared or algorithm != "auto" or nbytes < shared.SHARED_FROM or self.size < 2
+                or t.dtype in HALF or not t.is_contiguous()):
+            return None
+        p = t.data_ptr()
+        for base, buf in self._shared.items():
+            if base <= p and p + nbytes <= base + buf.nbytes:
+                return buf
+        return None
+
+    def all_reduce(self, t: torch.Tensor, op: Op, algorithm: str, async_op: bool):
+        buf = self._shared_of(t, algorithm)
+        if buf is None:
+            return super().all_reduce(t, op, algorithm, async_op)
+        if self.group.settings.debug:
+            self.log("all_reduce", t.numel() * t.element_size(),
+                     "registered buffer (pycomm.empty): reduced out of the peers' buffers")
+        if self._pool is None:
+            self._pool = _C.ReducePool(self.transport.reduce_threads)
+
+        def run(t):
+            shared.all_reduce(self, buf, t, op, self._pool)
+            _finish(t, t, op, self.size)
+            self.registered_all_reduces += 1
+            return [t]
+
+        return self.submit("all_reduce", run, (t,), async_op, "shared")
 
     def single_copy(self) -> str:
         """The single-copy path as the start-up probe left it, for PYCOMM_DEBUG."""
