@@ -83,6 +83,19 @@ def test_recomputation_and_zero_trade_time_for_memory():
     assert z1.memory.optimizer == pytest.approx(none.memory.optimizer / 8)
 
 
+def test_no_recomputation_under_a_split_backward():
+    """The runtime refuses a checkpointed stage under a schedule that splits the backward into
+    I and W (the forward would be recomputed twice): the planner never offers the pair."""
+    assert {n for n, s in pipeline.SCHEDULES.items() if s.splits_backward()} >= {"zb_h1", "zb_h2", "zb_v"}
+    assert not pipeline.SCHEDULES["1f1b"].splits_backward()
+    model, cluster = planner.get_model("tiny"), planner.local_cluster(2)
+    plans = planner.plan(model, cluster, 8, keep=100_000, schedules=("zb_h1", "1f1b"))
+    assert not [p for p in plans if p.schedule == "zb_h1" and p.recompute != "none"]
+    assert [p for p in plans if p.schedule == "zb_h1"] and plans.rejected["recomputation under a split backward (I and W)"]
+    with pytest.raises(ValueError, match="splits the backward"):
+        planner.estimate(model, cluster, 8, dp=1, tp=1, pp=2, micro_batch=1, schedule="zb_h1", recompute="full")
+
+
 def test_tensor_parallel_across_nodes_costs_more():
     model, cluster = planner.get_model("gpt-39b"), planner.get_cluster("a100x8", 4)
     inside = planner.estimate(model, cluster, 64, dp=2, tp=8, pp=2, micro_batch=1, recompute="full")

@@ -21,6 +21,7 @@ weight-gradient): their difference is the activation budget per rank and the pla
 """
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -458,6 +459,18 @@ class ScheduleSpec:
     def virtual_for(self, virtual: int) -> int:
         """The chunk count the schedule builds for a requested ``virtual``."""
         return 2 if self.chunks == "two" else virtual
+
+    def splits_backward(self) -> bool:
+        """Whether it runs the backward as separate I and W actions (the zero-bubble
+        schedules): a stage whose forward is recomputed (activation checkpointing) cannot run
+        under it, as the runtime says, and the planner does not offer the pair."""
+        return _splits_backward(self)
+
+
+@functools.cache
+def _splits_backward(spec: ScheduleSpec) -> bool:
+    s = spec.build(2, 4, spec.virtual_for(1))
+    return any(op.kind is Kind.I for program in s.actions for step in program for op in step_ops(step))
 
 
 def _one(fn: Callable[[int, int], Schedule]) -> Callable[[int, int, int], Schedule]:

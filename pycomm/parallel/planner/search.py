@@ -177,6 +177,9 @@ def estimate(model: Model, cluster: Cluster, global_batch: int, *, dp: int, tp: 
         raise ValueError(f"zero must be 0 or 1 (ZeRO-1 shards the optimizer state), got {zero!r}")
     if pp == 1:
         schedule, virtual = NO_PIPELINE, 1
+    if recompute != "none" and schedule in pl.SCHEDULES and pl.SCHEDULES[schedule].splits_backward():
+        raise ValueError(f"schedule {schedule!r} splits the backward into I and W, which would recompute a "
+                         f"checkpointed forward twice; use recompute='none' or a schedule with a fused backward")
     m = global_batch // (dp * micro_batch)
     t = step_time(model, cluster, dp=dp, tp=tp, pp=pp, schedule=schedule, virtual=virtual,
                   micro_batch=micro_batch, microbatches=m, recompute=recompute, zero=zero,
@@ -233,6 +236,9 @@ def plan(model: Model, cluster: Cluster, global_batch: int, *,
                 if p * v <= model.layers and not (v == 1 and "interleaved" in n)]
             zs = [z for z in zero if z in (0, 1)] if d > 1 else [0]
             for b, (name, v), r, z in itertools.product(bs, pipes, recomputes, zs):
+                if r != "none" and name in pl.SCHEDULES and pl.SCHEDULES[name].splits_backward():
+                    rejected["recomputation under a split backward (I and W)"] += 1
+                    continue
                 shapes.append(dict(dp=d, tp=t, pp=p, micro_batch=b, schedule=name, virtual=v, recompute=r, zero=z))
     common: dict[str, Any] = dict(overlap_grad_reduce=overlap_grad_reduce, step_overhead=step_overhead)
     # Branch and bound: the bound (no bubble, one micro-batch in flight) is cheap; simulate the
