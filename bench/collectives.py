@@ -203,7 +203,6 @@ def _cma_gbps(nbytes: int = 64 << 20, chunk: int = 1 << 20) -> float | None:
         os.write(w, b"x")
         os.close(w)
         os.waitpid(pid, 0)
-        del dst
 
 
 def _pycomm_call(op, inp, out, algorithm):

@@ -135,7 +135,7 @@ ReducePool::ReducePool(int threads) {
 ReducePool::~ReducePool() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
+    stop_.store(true, std::memory_order_release);
     generation_.fetch_add(1, std::memory_order_release);
   }
   wake_.notify_all();
@@ -163,15 +163,12 @@ void ReducePool::helper(int index) {
       }
       std::unique_lock<std::mutex> lock(mutex_);
       ++sleepers_;
-      wake_.wait(lock, [&] { return stop_ || generation_.load(std::memory_order_acquire) != seen; });
+      wake_.wait(lock, [&] { return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen; });
       --sleepers_;
       spins = 0;
     }
     seen = g;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (stop_) return;
-    }
+    if (stop_.load(std::memory_order_acquire)) return;  // set before the generation moved
     part(index);  // validated by the caller: cannot throw
     pending_.fetch_sub(1, std::memory_order_acq_rel);
   }

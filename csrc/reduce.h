@@ -55,7 +55,7 @@ class ReducePool {
   std::mutex mutex_;
   std::condition_variable wake_;
   int sleepers_ = 0;
-  bool stop_ = false;
+  std::atomic<bool> stop_{false};
 };
 
 }  // namespace pycomm

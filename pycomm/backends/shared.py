@@ -75,6 +75,15 @@ def _open_peer(name: str, nbytes: int, rank: int) -> mmap.mmap:
         os.close(fd)
 
 
+def _agree(backend: ShmBackend, values: list[int]) -> tuple[list[int], list[int]]:
+    """The smallest and largest of each value over the group's ranks (one max all-reduce of
+    the values and their negations): equal when every rank passed the same."""
+    both = torch.tensor(values + [-v for v in values], dtype=torch.int64)
+    backend._all_reduce(both, OPS["max"], "ring")
+    n = len(values)
+    return [-v for v in both[n:].tolist()], both[:n].tolist()
+
+
 def create(backend: ShmBackend, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """The tensor of a new registered buffer (every rank of the group calls it, with the
     same size and dtype, like a collective)."""
@@ -97,13 +106,10 @@ def create(backend: ShmBackend, size: tuple[int, ...], dtype: torch.dtype) -> to
         own = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
         own[:len(name)] = torch.frombuffer(bytearray(name.encode()), dtype=torch.uint8)
         backend._all_gather(names, own, "ring")
-        sizes = torch.full((2,), nbytes, dtype=torch.int64)
-        sizes[1] = -nbytes
-        backend._all_reduce(sizes, OPS["max"], "ring")
-        if sizes[0].item() != nbytes or -sizes[1].item() != nbytes:
+        low, high = _agree(backend, [nbytes])
+        if low != high:
             raise CommError(f"pycomm.empty: the ranks asked for buffers of different sizes "
-                            f"({-sizes[1].item()} to {sizes[0].item()} bytes); call it with the same "
-                            "size and dtype on every rank")
+                            f"({low[0]} to {high[0]} bytes); call it with the same size and dtype on every rank")
         for r in range(backend.size):
             if r == backend.rank:
                 maps.append(mine)
@@ -131,15 +137,12 @@ def all_reduce(backend: ShmBackend, buf: SharedBuffer, t: torch.Tensor, op: Op,
     count = t.numel()
     dtype = DTYPES[t.dtype]
     # 1. Same call on every rank (as max of x and of -x), and everyone's data in place.
-    mine = [buf.serial, offset, count, dtype, op.code]
-    check = torch.tensor(mine + [-x for x in mine], dtype=torch.int64)
-    backend._all_reduce(check, OPS["max"], "ring")
-    low = [-x for x in check[len(mine):].tolist()]
-    if check[:len(mine)].tolist() != mine or low != mine:
+    low, high = _agree(backend, [buf.serial, offset, count, dtype, op.code])
+    if low != high:
         raise CommError(
             "pycomm.all_reduce: the ranks passed different registered buffers or parts of them "
             f"(this rank: buffer {buf.serial}, offset {offset} B, {count} elements; across ranks from "
-            f"{low} to {check[:len(mine)].tolist()} as [buffer, offset, count, dtype, op]); "
+            f"{low} to {high} as [buffer, offset, count, dtype, op]); "
             "every rank must all-reduce the same part of the buffer pycomm.empty gave it")
     per = -(-count // p)
     per = -(-per // 16) * 16  # whole cache lines per chunk, for 4-byte types
