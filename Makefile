@@ -54,10 +54,10 @@ TORCH_SUITE_ARGS ?=
 test-torch-suite: $(STAMP)
 	$(PY) tests/torch_suite/runner.py --world-sizes 2 3 $(TORCH_SUITE_ARGS)
 
-# The Hugging Face model tests with the Triton kernels (interpreter) on all eight models and a
-# compiled training step; `make test` runs them on the torch fallback and Triton on one model.
+# Just the Hugging Face model tests (part of `make test`): eight tiny models, torch fallback and
+# Triton kernels in the interpreter.
 test-hf: $(STAMP)
-	PYCOMM_TEST_HF_ALL=1 $(PY) -m pytest tests/kernels/test_hf_models.py tests/kernels/test_hf_names.py $(PYTEST_ARGS)
+	$(PY) -m pytest tests/kernels/test_hf_models.py tests/kernels/test_hf_names.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)

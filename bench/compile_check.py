@@ -141,8 +141,9 @@ def _drive(dtype, matrix, arch):
     x = t(8, 256)
     fam._fwd(x, x, x, x)
     fam._bwd(x, x, t(256), x)  # a broadcast operand: fp32 gradient buffers
-    sw._fwd(x, x)
-    sw._bwd(x, x, x)
+    for act in sw.GATED:
+        sw._fwd(x, x, act)
+        sw._bwd(x, x, x, act)
 
 
 @dataclasses.dataclass

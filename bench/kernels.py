@@ -102,6 +102,7 @@ def _cpu_correctness(args) -> int:
         ("bias_gelu", lambda x, b: kernels.bias_gelu(x, b, "tanh"), lambda x, b: F.gelu(x + b, approximate="tanh"),
          [r(37, 129, scale=3), r(129)]),
         ("swiglu", kernels.swiglu, lambda a, b: F.silu(a) * b, [r(37, 129, scale=3), r(37, 129)]),
+        ("geglu", kernels.geglu, lambda a, b: F.gelu(a, approximate="tanh") * b, [r(37, 129, scale=3), r(37, 129)]),
         ("rms_norm", kernels.rms_norm, lambda x, w: F.rms_norm(x, (257,), w, 1e-6), [r(37, 257), r(257)]),
         ("add_rms_norm", lambda x, h, w: kernels.add_rms_norm(x, h, w)[0],
          lambda x, h, w: F.rms_norm(x + h, (257,), w, 1e-6), [r(37, 257), r(37, 257), r(257)]),

@@ -30,11 +30,11 @@ else:
     from .qkv_attention import qkv_attention
     from .rms_norm import rms_norm
     from .rope import rope
-    from .swiglu import swiglu
-    from .swiglu_mlp import swiglu_mlp
+    from .swiglu import geglu, swiglu
+    from .swiglu_mlp import geglu_mlp, swiglu_mlp
 
     __all__ = [
         "add_rms_norm", "backend", "bias_gelu", "flash_attention", "flash_attention_varlen", "fused_add_mul",
-        "fused_linear_cross_entropy", "layer_norm", "matmul", "nn", "patch", "qkv_attention", "rms_norm", "rope",
-        "softmax_cross_entropy", "swiglu", "swiglu_mlp",
+        "fused_linear_cross_entropy", "geglu", "geglu_mlp", "layer_norm", "matmul", "nn", "patch", "qkv_attention",
+        "rms_norm", "rope", "softmax_cross_entropy", "swiglu", "swiglu_mlp",
     ]

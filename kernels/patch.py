@@ -3,7 +3,7 @@
 Modules are recognised by what they hold and what they compute, never by class name, so one
 mechanism covers Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, BERT and a user's own model built
 the same way.  A candidate is *probed*: its own forward runs once on a small random input and is
-compared with the kernel's formula; only an exact match is swapped (a GeGLU MLP, a LayerNorm
+compared with the kernel's formula; only an exact match is swapped (a ReLU-gated MLP, a LayerNorm
 without bias or a rope with another layout are reported as left, with the reason).
 
 Per kind (each a keyword switch of ``patch``):
@@ -14,6 +14,8 @@ Per kind (each a keyword switch of ``patch``):
 * ``layer_norm``: ``nn.LayerNorm`` over the last dimension with weight and bias.
 * ``swiglu``: an MLP with ``gate_proj``/``up_proj`` (or a merged ``gate_up_proj``, Phi-3) and
   ``down_proj`` ``nn.Linear`` computing ``down(silu(gate(x)) * up(x))`` -> ``swiglu_mlp``.
+* ``geglu``: the same MLP computing ``down(gelu(gate(x)) * up(x))``, tanh or erf GELU (Gemma)
+  -> ``geglu_mlp``.
 * ``rope``: an attention module whose forward calls its modeling module's
   ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` (rotate-half) -> ``kernels.rope``.
   Only the patched instances change: their forward is the same code with that one global
@@ -48,15 +50,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _amp, _hf
+from . import _activations, _amp, _hf
 from . import nn as knn
 from .layer_norm import layer_norm
 from .matmul import matmul
 from .rms_norm import rms_norm
 from .rope import rope
-from .swiglu_mlp import swiglu_mlp
+from .swiglu import GATED
+from .swiglu_mlp import _gated_mlp
 
-KINDS = ("rms_norm", "layer_norm", "swiglu", "rope", "attention", "fused_linear_cross_entropy", "linear")
+KINDS = ("rms_norm", "layer_norm", "swiglu", "geglu", "rope", "attention", "fused_linear_cross_entropy", "linear")
 _FUSABLE = {nn.ReLU: lambda m: "relu", nn.SiLU: lambda m: "silu",
             nn.GELU: lambda m: "gelu_tanh" if m.approximate == "tanh" else "gelu"}
 _EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
@@ -188,7 +191,7 @@ def _layer_norm_forward(self, x):
     return layer_norm(xx, w, b, self.eps).to(out_dtype)
 
 
-# ---------------------------------------------------------------- SwiGLU MLP
+# ---------------------------------------------------------------- gated MLP (SwiGLU, GeGLU)
 
 def _mlp_weights(self):
     """(gate_w, up_w, down_w, gate_b, up_b, down_b) of a matched MLP, views of its parameters."""
@@ -202,16 +205,22 @@ def _mlp_weights(self):
     return gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias
 
 
-def _swiglu_forward(self, x):
+def _gated_forward(self, x):
     wg, wu, wd, bg, bu, bd = _mlp_weights(self)
     dt = _amp.matmul_dtype(x, wg, wu, wd, bg, bu, bd)
     if dt is None:
         return _orig_forward(self)(self, x)
     xx, wg, wu, wd, bg, bu, bd = _amp.cast(dt, x, wg, wu, wd, bg, bu, bd)
-    return swiglu_mlp(xx, wg, wu, wd, bg, bu, bd)
+    return _gated_mlp(xx, wg, wu, wd, bg, bu, bd, self._pycomm_activation)
 
 
-def _swiglu_match(m: nn.Module):
+def _gated_kind(activation: str) -> str:
+    return "swiglu" if activation == "silu" else "geglu"
+
+
+def _gated_match(m: nn.Module):
+    """(state, None) for a gate/up/down MLP whose activation the gated kernel has (state names
+    the projections and the activation), (None, why) for one it lacks, (None, None) otherwise."""
     children = dict(m.named_children())
     down = children.get("down_proj")
     if type(down) is not nn.Linear:
@@ -233,11 +242,16 @@ def _swiglu_match(m: nn.Module):
             y = m(x)
         except Exception as e:
             return None, f"forward could not be probed ({type(e).__name__})"
-        ref = F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
-    if not _close(y, ref, wg):
+        gate, up = F.linear(x, wg, bg), F.linear(x, wu, bu)
+        # tanh and erf GELU differ by ~1e-4 here: take the closest form, then require a match
+        err = {a: (y.float() - F.linear(_activations.torch_apply(gate, a) * up, wd, bd).float()).abs().max().item()
+               for a in GATED}
+    best = min(err, key=err.__getitem__)
+    if not _close(y, F.linear(_activations.torch_apply(gate, best) * up, wd, bd), wg):
         act = next((type(getattr(m, a)).__name__ for a in ("act_fn", "activation_fn", "act") if hasattr(m, a)), "?")
-        return None, f"gate/up/down MLP that is not down(silu(gate) * up) (activation {act}); kept on torch"
-    return state, None
+        return None, (f"gate/up/down MLP that is not down(act(gate) * up) with act silu or gelu "
+                      f"(activation {act}); kept on torch")
+    return dict(state, activation=best), None
 
 
 # ---------------------------------------------------------------- rope (per instance)
@@ -465,12 +479,14 @@ def _visit(parent: nn.Module, name: str, m: nn.Module, path: str, on: dict, repo
             form = " (1 + weight)" if offset else ""
             report.swapped["rms_norm"].append(f"{path}: {cls} -> kernels.rms_norm{form}")
         return True
-    state, why = _swiglu_match(m)
+    state, why = _gated_match(m)
     if state is not None or why is not None:
-        if not _wanted(report, on, "swiglu", path, cls, why):
+        kind = "swiglu" if state is None else _gated_kind(state["activation"])
+        if not _wanted(report, on, kind, path, cls, why):
             return False  # its Linears may still be swapped
-        _swap(m, "swiglu", _swiglu_forward, **state)
-        report.swapped["swiglu"].append(f"{path}: {cls} -> kernels.swiglu_mlp")
+        _swap(m, kind, _gated_forward, **state)
+        fn = "swiglu_mlp" if kind == "swiglu" else f"geglu_mlp ({state['activation']})"
+        report.swapped[kind].append(f"{path}: {cls} -> kernels.{fn}")
         return True
     forward, why = _rope_match(m)
     if (forward is not None or why is not None) and _wanted(report, on, "rope", path, cls, why):
@@ -497,14 +513,14 @@ def _hf_attention_modules(model: nn.Module) -> list[str]:
 
 
 def patch(model: nn.Module, *, rms_norm: bool = True, layer_norm: bool = True, swiglu: bool = True,
-          rope: bool = True, attention: bool = True, fused_linear_cross_entropy: bool = True,
+          geglu: bool = True, rope: bool = True, attention: bool = True, fused_linear_cross_entropy: bool = True,
           linear: bool = False, verbose: bool = True) -> nn.Module:
-    """Route ``model``'s norms, SwiGLU MLPs, rotary embeddings, attention and causal-LM loss through
+    """Route ``model``'s norms, SwiGLU and GeGLU MLPs, rotary embeddings, attention and causal-LM loss through
     the kernels, in place (see the module docstring); return ``model``.  The report is
     ``model.kernels_patch_report`` (a :class:`PatchReport`), printed when ``verbose``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch.nn.Module, got {type(model).__name__}")
-    on = dict(rms_norm=rms_norm, layer_norm=layer_norm, swiglu=swiglu, rope=rope, attention=attention,
+    on = dict(rms_norm=rms_norm, layer_norm=layer_norm, swiglu=swiglu, geglu=geglu, rope=rope, attention=attention,
               fused_linear_cross_entropy=fused_linear_cross_entropy, linear=linear)
     report = PatchReport()
     if type(model) in (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.MultiheadAttention):

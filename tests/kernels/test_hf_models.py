@@ -3,13 +3,10 @@ downloaded): patched against unpatched logits, loss, gradients and one SGD step 
 tolerance, on the torch fallback and with the Triton kernels in the interpreter; padded batches,
 generate(), torch.compile, a bf16-autocast training step, and the report.
 
-The interpreter runs each Triton program in Python (about 40 s per model here), so `make test`
-runs the Triton kernels on one model that has them all (Mistral: RMSNorm, SwiGLU, rope, sliding
-window attention over a padded batch, fused linear cross-entropy) and every model on the torch
-fallback; PYCOMM_TEST_HF_ALL=1 (`make test-hf`) runs every model on both.
+Every model runs on both paths; the interpreter takes 1-7 s per one-layer model here, and the
+whole module under a minute (`make test-hf` runs just these).
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -31,6 +28,9 @@ def _configs():
         "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**SMALL)),
         "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**SMALL, head_dim=16)),
         "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**SMALL, head_dim=16)),
+        # attention and final-logit softcapping, a sliding window, four norms per layer
+        "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**SMALL, head_dim=16, sliding_window=3,
+                                                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
         # merged gate_up_proj, partial rotary (half of each head)
         "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(**SMALL, partial_rotary_factor=0.5)),
         "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=64,
@@ -49,18 +49,20 @@ EXPECTED = {
     "mistral": dict(rms_norm=3, swiglu=1, rope=1, attention=1, fused_linear_cross_entropy=1),
     "qwen2": dict(rms_norm=3, swiglu=1, rope=1, attention=1, fused_linear_cross_entropy=1),
     "qwen3": dict(rms_norm=5, swiglu=1, rope=1, attention=1, fused_linear_cross_entropy=1),  # + q_norm, k_norm
-    "gemma": dict(rms_norm=3, swiglu=0, rope=1, attention=1, fused_linear_cross_entropy=1),  # (1 + w); GeGLU left
+    "gemma": dict(rms_norm=3, swiglu=0, geglu=1, rope=1, attention=1, fused_linear_cross_entropy=1),  # (1 + w)
+    "gemma2": dict(rms_norm=5, geglu=1, rope=1, attention=1, fused_linear_cross_entropy=1),
     "phi3": dict(rms_norm=3, swiglu=1, rope=1, attention=1, fused_linear_cross_entropy=1),
     "gpt2": dict(layer_norm=3, attention=1, fused_linear_cross_entropy=1),
     "bert": dict(layer_norm=4, attention=1, fused_linear_cross_entropy=0),  # masked LM: its own loss
 }
-CAUSAL = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2"}
+CAUSAL = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2"}
+EAGER = {"gemma2"}  # transformers refuses sdpa for it
 
 
 def _pair(name, **patch_kw):
     torch.manual_seed(0)
     ref = _configs()[name]()
-    ref.set_attn_implementation("sdpa")
+    ref.set_attn_implementation("eager" if name in EAGER else "sdpa")
     got = kernels.patch(copy.deepcopy(ref), verbose=False, **patch_kw)
     return ref, got
 
@@ -75,10 +77,11 @@ def _batch(name):
         mask[1, -3:] = 0
     ids = ids.masked_fill(mask == 0, 0)
     labels = ids.masked_fill(mask == 0, -100)
+    if name in CAUSAL:
+        # The first real token's label is predicted from a padded position, whose output each
+        # attention implementation fills differently (garbage either way): leave it out.
+        labels[1, 3] = -100
     return ids, mask, labels
-
-
-ALL = os.environ.get("PYCOMM_TEST_HF_ALL") == "1"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -102,15 +105,15 @@ def _use(backend, monkeypatch):
         assert _dispatch.use_triton(torch.empty(1)), "the Triton kernels need TRITON_INTERPRET=1 on CPU"
 
 
-def _cases(names, triton_names):
-    return [(n, "torch") for n in names] + [(n, "triton") for n in (names if ALL else triton_names)]
+def _cases(names):
+    return [(n, backend) for backend in ("torch", "triton") for n in names]
 
 
 def _check_close(a, b, what):
     torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-4, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("name, backend", _cases(sorted(EXPECTED), ["mistral"]))
+@pytest.mark.parametrize("name, backend", _cases(sorted(EXPECTED)))
 def test_patched_model_matches(name, backend, monkeypatch):
     _use(backend, monkeypatch)
     ref, got = _pair(name)
@@ -141,7 +144,7 @@ def test_patched_model_matches(name, backend, monkeypatch):
         opt_ref.step(), opt_got.step()
 
 
-@pytest.mark.parametrize("name, backend", _cases(["llama", "mistral"], []))
+@pytest.mark.parametrize("name, backend", _cases(["llama", "mistral"]))
 def test_generate_same_tokens(name, backend, monkeypatch):
     _use(backend, monkeypatch)
     ref, got = _pair(name)
@@ -159,8 +162,6 @@ def test_torch_compile_patched_model(monkeypatch):
     with torch.no_grad():
         _check_close(compiled(ids, attention_mask=mask).logits[mask.bool()],
                      ref(ids, attention_mask=mask).logits[mask.bool()], "compiled logits")
-    if not ALL:
-        return  # a compiled training step costs another 25 s of tracing here: PYCOMM_TEST_HF_ALL=1
     got.train(), ref.train()
     loss = compiled(ids, attention_mask=mask, labels=labels).loss
     loss.backward()
@@ -249,11 +250,13 @@ def test_own_model_by_structure(monkeypatch):
     _use("torch", monkeypatch)
     torch.manual_seed(0)
     ref = torch.nn.Sequential(_Norm(16, False), _MLP(torch.nn.SiLU()), _Norm(16, True), _MLP(torch.nn.GELU()),
+                              _MLP(torch.nn.GELU(approximate="tanh")), _MLP(torch.nn.ReLU()),
                               torch.nn.LayerNorm(16), torch.nn.Linear(16, 16), torch.nn.ReLU())
     got = kernels.patch(copy.deepcopy(ref), verbose=False)
     r = got.kernels_patch_report
-    assert [len(r.swapped[k]) for k in ("rms_norm", "swiglu", "layer_norm", "linear")] == [2, 1, 1, 1], r
+    assert [len(r.swapped[k]) for k in ("rms_norm", "swiglu", "geglu", "layer_norm", "linear")] == [2, 1, 2, 1, 1], r
     assert "(1 + weight)" in r.swapped["rms_norm"][1]
-    assert "not down(silu(gate) * up) (activation GELU)" in r.left["swiglu"][0]
+    assert [line.split(" (")[-1] for line in r.swapped["geglu"]] == ["gelu)", "gelu_tanh)"], r
+    assert "with act silu or gelu (activation ReLU)" in r.left["swiglu"][0], r
     x = torch.randn(3, 16, requires_grad=True)
     _check_close(got(x), ref(x), "own model")

@@ -111,6 +111,24 @@ def test_swiglu_non_contiguous_chunk():
           [h], torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("shape", [(9, 41, 37), (0, 4)])
+def test_geglu(dtype, approximate, shape):
+    # Gemma's gated activation; gate spans GELU's curved region (and its tails at scale 3).
+    gate, up = randn(*shape, scale=3.0), randn(*shape, seed=1)
+    check(lambda g, u: kernels.geglu(g, u, approximate=approximate),
+          lambda g, u: F.gelu(g, approximate=approximate) * u, [gate, up], dtype)
+
+
+def test_geglu_errors():
+    x = torch.randn(3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="approximate must be 'tanh' or 'none'"):
+        kernels.geglu(x, x, approximate="erf")
+    with pytest.raises(ValueError, match="same shape"):
+        kernels.geglu(x, torch.randn(3, 5, device=DEVICE))
+
+
 def test_swiglu_errors():
     with pytest.raises(ValueError, match="same shape"):
         kernels.swiglu(torch.randn(3, 4, device=DEVICE), torch.randn(3, 5, device=DEVICE))

@@ -97,7 +97,8 @@ def test_compile_fullgraph_hf_decoder_ops():
 OPCHECK = [
     ("fused_add_mul", lambda: (torch.randn(3, 1), torch.randn(4), torch.randn(3, 4), torch.randn(1, 4))),
     ("bias_gelu", lambda: (torch.randn(3, 5), torch.randn(5), "gelu_tanh")),
-    ("swiglu", lambda: (torch.randn(3, 5), torch.randn(3, 5))),
+    ("gated_act", lambda: (torch.randn(3, 5), torch.randn(3, 5), "silu")),
+    ("gated_act", lambda: (torch.randn(3, 5), torch.randn(3, 5), "gelu_tanh")),
     ("rms_norm", lambda: (torch.randn(3, 5), torch.randn(5), 1e-6)),
     ("add_rms_norm", lambda: (torch.randn(3, 5), torch.randn(3, 5), torch.randn(5), 1e-6)),
     ("layer_norm", lambda: (torch.randn(3, 5), torch.randn(5), torch.randn(5), 1e-5)),
@@ -116,8 +117,10 @@ OPCHECK = [
                                             torch.randn(11), -100, 0.1, 3.0, "mean", True, True, True)),
     ("fused_linear_cross_entropy", lambda: (torch.randn(6, 8), torch.randn(11, 8), torch.tensor([1, -100, 10, 0, 3, 3]),
                                             None, -100, 0.0, 0.0, "none", True, True, False)),
-    ("swiglu_mlp", lambda: (torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 8), torch.randn(5, 6), None,
-                            torch.randn(6), torch.randn(5))),
+    ("gated_mlp", lambda: (torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 8), torch.randn(5, 6), None,
+                           torch.randn(6), torch.randn(5), "silu")),
+    ("gated_mlp", lambda: (torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 8), torch.randn(5, 6), None,
+                           None, None, "gelu")),
     ("qkv_attention", lambda: (torch.randn(1, 9, 8), torch.randn(64, 8) / 3, torch.randn(64), 2, 1, True)),
 ]
 

@@ -1,4 +1,4 @@
-"""swiglu_mlp against down(silu(gate(x)) * up(x)) with nn.Linear semantics, both backends."""
+"""swiglu_mlp and geglu_mlp against down(act(gate(x)) * up(x)) with nn.Linear semantics, both backends."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,19 @@ def test_swiglu_mlp(backend, dtype, bias):
     check(kernels.swiglu_mlp, reference, inputs, dtype)
 
 
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_geglu_mlp(backend, approximate):
+    E, inter, E_out = 24, 37, 20
+    inputs = [randn(2, 9, E, scale=2.0), randn(inter, E, scale=E ** -0.5, seed=1),
+              randn(inter, E, scale=E ** -0.5, seed=2), randn(E_out, inter, scale=inter ** -0.5, seed=3),
+              randn(inter, seed=4), randn(inter, seed=5), randn(E_out, seed=6)]
+
+    def ref(x, wg, wu, wd, bg, bu, bd):
+        return F.linear(F.gelu(F.linear(x, wg, bg), approximate=approximate) * F.linear(x, wu, bu), wd, bd)
+
+    check(lambda *a: kernels.geglu_mlp(*a, approximate=approximate), ref, inputs, torch.float32)
+
+
 def test_swiglu_mlp_saves_less_than_autograd():
     # Saved for backward: x, the weights, gate and up -- not the product silu(gate) * up.
     x = torch.randn(64, 16, device=DEVICE, requires_grad=True)
@@ -54,3 +67,5 @@ def test_swiglu_mlp_errors():
         kernels.swiglu_mlp(x, w, w, w)
     with pytest.raises(ValueError, match="gate_bias"):
         kernels.swiglu_mlp(x, w, w, w.t(), gate_bias=torch.zeros(5, device=DEVICE))
+    with pytest.raises(ValueError, match="approximate"):
+        kernels.geglu_mlp(x, w, w, w.t(), approximate="exact")
