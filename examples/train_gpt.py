@@ -88,7 +88,7 @@ class TrainConfig:
     pp: int = 1
     """Pipeline-parallel degree."""
     schedule: str = "1f1b"
-    """Pipeline schedule: a name in ``pipeline.SCHEDULES`` (not chimera, see apply_pipeline)."""
+    """Pipeline schedule: a name in ``pipeline.SCHEDULES``."""
     microbatches: int = 4
     """Micro-batches per step, per data-parallel replica."""
     virtual: int = 2
@@ -199,19 +199,15 @@ def _virtual(tc: TrainConfig) -> int:
 
 def apply_pipeline(layers, tc: TrainConfig, mesh):
     """This pipeline rank's stages wrapped in the runtime; returns (runtime, local layers by
-    global index)."""
+    global index).  Chimera's two replicas of a part sit on different ranks (``r`` and
+    ``p-1-r``), so a rank never holds a layer twice; the runtime keeps the replicas equal and the
+    checkpoint gathers either copy."""
     virtual = _virtual(tc)
     sched = pipeline.build_schedule(tc.schedule, mesh.pp, tc.microbatches, virtual)
-    if sched.placement == "bidirectional":
-        raise ValueError(
-            f"schedule {tc.schedule!r} keeps two replicas of every stage, and this example's "
-            f"checkpoints hold one copy of each layer; pick another schedule (the runtime itself "
-            f"runs it: tests/parallel/test_parallel_pipeline_runtime.py)"
-        )
-    ranges = pipeline.partition(len(layers), sched.num_model_stages)
+    ranges = pipeline.partition(len(layers), sched.weight_stages)
     mine = sched.local_stages(mesh.pp_rank)
-    stages = {s: nn.Sequential(*[layers[i] for i in ranges[s]]) for s in mine}
-    local = nn.ModuleDict({str(i): layers[i] for s in mine for i in ranges[s]})
+    stages = {s: nn.Sequential(*[layers[i] for i in ranges[sched.replica_of(s)]]) for s in mine}
+    local = nn.ModuleDict({str(i): layers[i] for s in mine for i in ranges[sched.replica_of(s)]})
     tp_group = mesh.tp_group
 
     def loss_fn(logits, targets):

@@ -46,9 +46,10 @@ SHAPES = {
     "pp2-1f1b": dict(pp=2, schedule="1f1b"),
     "pp2-interleaved": dict(pp=2, schedule="interleaved_1f1b"),
     "pp2-1f1b-checkpoint": dict(pp=2, schedule="1f1b", checkpoint=True),
-    # every other synchronous schedule with one copy of each layer (Chimera's replicas and
-    # PipeDream-2BW's delayed update are checked in test_parallel_pipeline_runtime.py)
-    **{f"pp2-{name}": dict(pp=2, schedule=name) for name in ("looped_bfs", "zb_h1", "zb_h2", "zb_v", "dualpipe_v")},
+    # every other synchronous schedule (PipeDream-2BW's delayed update is checked in
+    # test_parallel_pipeline_runtime.py); Chimera: two replicas, gradients summed across them
+    **{f"pp2-{name}": dict(pp=2, schedule=name)
+       for name in ("looped_bfs", "zb_h1", "zb_h2", "zb_v", "dualpipe_v", "chimera")},
 }
 
 

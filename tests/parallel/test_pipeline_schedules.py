@@ -78,6 +78,20 @@ def test_known_values(name, p, m, v, fraction, overhead):
     assert _close(r.bubble_fraction, fraction) and _close(r.bubble_overhead, overhead)
 
 
+def test_first_stage_without_input_grad():
+    # A chain's first stage has no input to differentiate: its I is empty and W takes the whole
+    # backward, as the runtime runs it.  Fused-backward schedules and the total work don't change.
+    for name in ("1f1b", "zb_h1", "chimera"):
+        paper, runtime = simulate(name, 2, 4), simulate(name, 2, 4, first_stage_input_grad=False)
+        assert _close(runtime.busy, paper.busy), name
+        first = [t for t in runtime.timeline[0] if t.action.stage == 0]
+        assert all(t.end == t.start for t in first if t.action.kind.name == "I"), name
+    # ZB-H1 on 2 ranks: the only I that could fill rank 1's wait is rank 0's, so 1F1B's bubble
+    assert _close(simulate("zb_h1", 2, 4).bubble_fraction, 1 / 13)
+    assert _close(simulate("zb_h1", 2, 4, first_stage_input_grad=False).bubble_fraction, 1 / 5)
+    assert _close(simulate("1f1b", 2, 4, first_stage_input_grad=False).bubble_fraction, 1 / 5)
+
+
 @FEW
 @given(
     name=st.sampled_from(["gpipe", "1f1b", "interleaved_1f1b"]),

@@ -274,6 +274,12 @@ class Schedule:
         start = self.stages if self.placement == "bidirectional" and stage >= self.stages else 0
         return stage - 1 if stage > start else None
 
+    @property
+    def weight_stages(self) -> int:
+        """How many parts the model's layers are cut into: ``num_model_stages``, or half of it
+        for the bidirectional replicas (stage ``s`` holds part ``replica_of(s)``)."""
+        return self.stages if self.placement == "bidirectional" else self.num_model_stages
+
     def replica_of(self, stage: int) -> int:
         """The model stage whose weights ``stage`` holds (itself unless bidirectional)."""
         return stage % self.stages if self.placement == "bidirectional" else stage

@@ -129,12 +129,17 @@ def _matching(sched: Schedule, op: Action) -> Action:
 class Durations:
     """Time of one micro-batch through one full stage (all of a device's chunks), per
     ``KindInfo.duration`` key.  ``bwd`` is the fused backward; ``input`` and ``weight`` are its
-    halves and default to half of it each (the zero-bubble paper's T_B = T_W)."""
+    halves and default to half of it each (the zero-bubble paper's T_B = T_W).
+
+    ``first_stage_input_grad=False`` models what a runtime does on a chain's first stage, which
+    has no input to differentiate: its I takes no time and its W the whole backward (the paper,
+    and the default, charge every stage the same I and W)."""
 
     fwd: float = 1.0
     bwd: float = 2.0
     input: float | None = None
     weight: float | None = None
+    first_stage_input_grad: bool = True
 
     def __post_init__(self) -> None:
         for name in ("fwd", "bwd", "input", "weight"):
@@ -163,21 +168,27 @@ class Durations:
         object.__setattr__(self, "bwd", float(i + w))
         object.__setattr__(self, "fwd", float(self.fwd))
 
-    def of(self, kind: Kind) -> float:
-        """Duration of a ``kind`` computation on a full stage; 0 for messages."""
+    def of(self, kind: Kind, first_stage: bool = False) -> float:
+        """Duration of a ``kind`` computation on a full stage (``first_stage``: a chain's first);
+        0 for messages."""
         key = kind.info.duration
-        return 0.0 if key is None else float(getattr(self, key))
+        if key is None:
+            return 0.0
+        if first_stage and not self.first_stage_input_grad and key in ("input", "weight"):
+            assert self.input is not None and self.weight is not None  # set by __post_init__
+            return 0.0 if key == "input" else self.input + self.weight
+        return float(getattr(self, key))
 
 
 def execute(
     schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0, blocking_sends: bool = False,
-    *, t_input: float | None = None, t_weight: float | None = None,
+    *, t_input: float | None = None, t_weight: float | None = None, first_stage_input_grad: bool = True,
 ) -> Execution:
     """Run ``schedule`` in simulated time; raise :class:`ScheduleError` on a hang or on data used
     before it exists.  See the module docstring for the time and message model;
     ``blocking_sends=True`` is the validator's worst case (a send waits for its receive).
     Durations: :class:`Durations` (``t_input``/``t_weight`` default to half of ``t_bwd``)."""
-    durations = Durations(t_fwd, t_bwd, t_input, t_weight)
+    durations = Durations(t_fwd, t_bwd, t_input, t_weight, first_stage_input_grad)
     sched, programs = schedule, schedule.actions
     p, v = schedule.stages, schedule.virtual
     lowered = schedule.has_communication
@@ -247,7 +258,7 @@ def execute(
 
     def run_compute(r: int, act: Action, start: float) -> None:
         info = act.kind.info
-        end = start + durations.of(act.kind) * sched.stage_share
+        end = start + durations.of(act.kind, sched.prev_stage(act.stage) is None) * sched.stage_share
         timeline[r].append(TimedAction(r, act, start, end))
         clock[r] = end
         have[r][(act.kind, act.stage, act.microbatch)] = end

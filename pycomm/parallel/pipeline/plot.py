@@ -30,7 +30,7 @@ _SHADE = {Kind.F: (0.45, 1.0), Kind.B: (0.0, 0.0), Kind.I: (0.0, 0.0), Kind.W: (
 
 def _time_unit(result) -> float:
     """Largest step that divides every duration, so each action spans whole columns."""
-    durations = {t.end - t.start for row in result.timeline for t in row}
+    durations = {t.end - t.start for row in result.timeline for t in row if t.end > t.start}
     fracs = [Fraction(d).limit_denominator(1000) for d in durations]
     num = Fraction(0)
     for f in fracs:

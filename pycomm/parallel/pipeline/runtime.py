@@ -44,7 +44,9 @@ its input and recomputes its forward during the backward, with both random strea
 Measurement: each F/B is timed with ``time.perf_counter`` (one clock for all processes of a
 host).  :meth:`Pipeline.measured` gathers all ranks' timelines into a
 :class:`~.simulate.SimulationResult` (times in seconds from the first start) whose
-``bubble_fraction`` is measured from per-stage busy times and whose ``plot`` draws it.
+``bubble_fraction`` is measured from per-stage busy times and whose ``plot`` draws it; its
+``t_input``/``t_weight`` are those of stages with an input to differentiate (a chain's first
+stage runs an empty I: compare with ``simulate_schedule(..., first_stage_input_grad=False)``).
 Activations alive are counted per (stage, micro-batch) like the simulator's
 ``peak_activations``, and in bytes: the stage input plus the tensors autograd saved for the
 backward (parameters excluded).
@@ -452,6 +454,7 @@ class Pipeline:
         t0 = min(float(every[r, 0, 0]) for r in range(self.group.size) if computes[r])
         rows: list = []
         took: dict[str, list[float]] = {}
+        first_split: dict[str, list[float]] = {}  # a chain's first stage: empty I, whole-backward W
         for r in range(self.group.size):
             row = []
             for k, act in enumerate(computes[r]):
@@ -459,8 +462,12 @@ class Pipeline:
                 row.append(TimedAction(r, act, a, b))
                 key = act.kind.info.duration
                 assert key is not None  # a computation
-                took.setdefault(key, []).append(b - a)
+                first = key in ("input", "weight") and self.sched.prev_stage(act.stage) is None
+                (first_split if first else took).setdefault(key, []).append(b - a)
             rows.append(tuple(row))
+        for key, times in first_split.items():
+            if key not in took:  # one stage only: nothing better to go on
+                took[key] = times
         makespan = max(t.end for row in rows for t in row)
         # Back to full-stage units, the simulator's convention.
         full = {k: sum(v) / len(v) / self.sched.stage_share for k, v in took.items()}

@@ -10,11 +10,13 @@ Time model: a forward of one micro-batch through one model stage takes ``t_fwd /
 backward ``t_bwd / virtual``, its halves I and W ``t_input / virtual`` and ``t_weight / virtual``
 (each half of ``t_bwd`` unless given; when both are given the fused B takes their sum), as
 ``KindInfo.duration`` says (a chunk is 1/v of a device's layers, so a device's total compute
-is ``m * (t_fwd + t_bwd)`` whatever ``v`` is).  Messages take no time.  A receive (alone or in a
-Batch) waits until the peer has posted the matching send; a send is posted and completes in the
-background (``isend``, the runtime's model), so it never holds its rank back.  A schedule without
-messages is run with its data dependencies only (an ideal network); the communication pass must
-not make it slower, and the tests check that it does not.
+is ``m * (t_fwd + t_bwd)`` whatever ``v`` is); ``first_stage_input_grad=False`` times a chain's
+first stage as a runtime runs it, I empty and W the whole backward (``Durations``).
+Messages take no time.  A receive (alone or in a Batch) waits until the peer has posted the
+matching send; a send is posted and completes in the background (``isend``, the runtime's
+model), so it never holds its rank back.  A schedule without messages is run with its data
+dependencies only (an ideal network); the communication pass must not make it slower, and the
+tests check that it does not.
 
 The validator runs the same engine with ``blocking_sends=True``: a step of messages completes
 only when every peer has reached the step holding the matching message (the worst case, a
@@ -114,11 +116,13 @@ class SimulationResult:
 
 
 def simulate_schedule(schedule: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0, *,
-                      t_input: float | None = None, t_weight: float | None = None) -> SimulationResult:
+                      t_input: float | None = None, t_weight: float | None = None,
+                      first_stage_input_grad: bool = True) -> SimulationResult:
     """Validate and simulate a given schedule (compute-only or lowered) as is."""
     d = Durations(t_fwd, t_bwd, t_input, t_weight)
     validate(schedule)
-    ex = execute(schedule, d.fwd, d.bwd, t_input=d.input, t_weight=d.weight)
+    ex = execute(schedule, d.fwd, d.bwd, t_input=d.input, t_weight=d.weight,
+                 first_stage_input_grad=first_stage_input_grad)
     return SimulationResult(schedule, d.fwd, d.bwd, ex.timeline, ex.makespan, ex.peak_activations,
                             d.input, d.weight)
 
@@ -133,9 +137,11 @@ def simulate(
     *,
     t_input: float | None = None,
     t_weight: float | None = None,
+    first_stage_input_grad: bool = True,
 ) -> SimulationResult:
     """Simulate the named schedule (a key of ``SCHEDULES``) with communication."""
     compute = build_schedule(schedule, stages, microbatches, virtual)
     d = Durations(t_fwd, t_bwd, t_input, t_weight)
     lowered = add_communication(compute, d.fwd, d.bwd, t_input=d.input, t_weight=d.weight)
-    return simulate_schedule(lowered, d.fwd, d.bwd, t_input=d.input, t_weight=d.weight)
+    return simulate_schedule(lowered, d.fwd, d.bwd, t_input=d.input, t_weight=d.weight,
+                             first_stage_input_grad=first_stage_input_grad)
