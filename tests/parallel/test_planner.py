@@ -2,6 +2,7 @@
 pycomm.parallel.plan).  The checks against Megatron-LM's table and against runs on this
 machine are test_planner_megatron.py and test_planner_measured.py."""
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -55,6 +56,28 @@ def test_bubble_comes_from_the_simulator():
         planner.pipeline_makespan("interleaved_1f1b", 4, 6, 2, 1.0, 2.0)  # m not a multiple of p
 
 
+def test_split_backward_timed_as_a_runtime_runs_it():
+    """A chain's first stage has no input gradient: ZB-H1's I is empty there, so on two stages it
+    gains nothing over 1F1B (what the runtime measures); on four the later stages' I still help."""
+    one, zb = (planner.pipeline_makespan(n, 2, 4, 1, 1.0, 2.0)[0] for n in ("1f1b", "zb_h1"))
+    assert zb == pytest.approx(one)
+    one, zb = (planner.pipeline_makespan(n, 4, 8, 1, 1.0, 2.0)[0] for n in ("1f1b", "zb_h1"))
+    assert zb < one
+
+
+def test_processes_sharing_cores():
+    """4 processes on 2 cores: the step is max(work + bubble, work x 4/2); with a core each it is
+    work + bubble.  So a pipeline's idle time is cheap when the cores are oversubscribed."""
+    model = planner.get_model("tiny")
+    dedicated = planner.local_cluster(2, flops=1e10, layer_overhead=1e-3)
+    shared = dataclasses.replace(dedicated, devices_per_node=4, cores_per_node=2, peak_flops=5e9)
+    for cluster, dp, factor in ((dedicated, 1, 1), (shared, 2, 2)):
+        t = planner.estimate(model, cluster, 8, dp=dp, tp=1, pp=2, micro_batch=4, schedule="gpipe").time
+        assert t.bubble > 0
+        assert t.total == pytest.approx(max(t.work + t.bubble, t.work * factor))
+        assert (t.shared > 0) == (cluster is shared)
+
+
 def test_search_ranks_feasible_shapes_and_prunes_by_memory():
     model, cluster = planner.get_model("gpt-7.5b"), planner.get_cluster("a100x8", 2)
     plans = planner.plan(model, cluster, 32, keep=30, virtual=(1, 2))
@@ -64,7 +87,7 @@ def test_search_ranks_feasible_shapes_and_prunes_by_memory():
     for p in plans:
         assert p.dp * p.tp * p.pp == 16 and p.memory.total <= cluster.memory
         assert p.step_time == pytest.approx(sum([p.time.compute, p.time.recompute, p.time.tp_comm, p.time.pp_comm,
-                                                 p.time.dp_comm, p.time.bubble, p.time.other]))
+                                                 p.time.dp_comm, p.time.bubble, p.time.other, p.time.shared]))
     assert plans.rejected["out of memory"] > 0  # 7.5B with Adam does not fit one 80 GB device unsharded
     # the plans not simulated have a lower bound slower than the 30th: none of them can be faster
     full = planner.plan(model, cluster, 32, keep=100_000, virtual=(1, 2))

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                      microbatches=p.microbatches, recompute=p.recompute, zero=p.zero, step_time=p.step_time,
                      tokens_per_s=p.tokens_per_s, memory=p.memory.total, mfu=p.mfu,
                      breakdown=dict(compute=p.time.compute, recompute=p.time.recompute, tp=p.time.tp_comm,
-                                    pp=p.time.pp_comm, dp=p.time.dp_comm, bubble=p.time.bubble))
+                                    pp=p.time.pp_comm, dp=p.time.dp_comm, bubble=p.time.bubble,
+                                    shared=p.time.shared))
                 for p in plans.plans]
         Path(opts["json"]).write_text(json.dumps(rows, indent=1))
         print(f"{len(rows)} plans written to {opts['json']}")

@@ -47,6 +47,11 @@ class Cluster:
     kernel launches, Python; negligible on GPUs at scale, dominant for the tiny GPT on CPU."""
     name: str = "custom"
     """Label for tables."""
+    cores_per_node: int = 0
+    """Processors a node's devices share (CPU processes on fewer cores than processes); 0: each
+    device computes on its own (GPUs).  Sharing makes a step take at least the devices' total
+    work over the cores, and makes a pipeline's idle time cheap: an idle process gives its core
+    to a busy one (``timing.step_time``)."""
 
     def __post_init__(self) -> None:
         for arg in ("devices_per_node", "nodes"):
@@ -132,11 +137,14 @@ def local_cluster(processes: int = 2, flops: float = 5e9, layer_overhead: float 
     """``processes`` CPU processes on this machine, one node: α, β, γ from ``pycomm tune``
     (``tune_file``, else the default file, else pycomm's defaults) for both levels.  ``flops``
     and ``layer_overhead`` are this machine's for the model at hand (``bench/plan_check.py``
-    measures them on one process).  With more processes than cores each gets its share."""
+    measures them on one process).  With more processes than cores they share the cores
+    (``Cluster.cores_per_node``): each computes at one process's speed while others wait, and
+    the peak (for MFU) is each one's share."""
     cores = os.cpu_count() or 1
     share = min(1.0, cores / processes)
     model = tuning.load(tune_file)
     mem = memory if memory is not None else 4e9
-    return Cluster(devices_per_node=processes, nodes=1, memory=mem, flops=flops * share,
+    return Cluster(devices_per_node=processes, nodes=1, memory=mem, flops=flops,
                    peak_flops=flops * share, intra=model, inter=model,
-                   layer_overhead=layer_overhead / share, name=f"local x{processes}")
+                   layer_overhead=layer_overhead, name=f"local x{processes}",
+                   cores_per_node=cores if processes > cores else 0)

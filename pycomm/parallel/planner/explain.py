@@ -98,7 +98,13 @@ def explain(plan) -> str:
     out.append("")
     out.append(f"step = compute {_t(t.compute)} + recompute {_t(t.recompute)} + tp {_t(t.tp_comm)} + pp "
                f"{_t(t.pp_comm)} + dp {_t(t.dp_comm)} + bubble {_t(t.bubble)}"
-               + (f" + fixed {_t(t.other)}" if t.other else "") + f" = {_t(plan.step_time)}")
+               + (f" + fixed {_t(t.other)}" if t.other else "")
+               + (f" + shared processors {_t(t.shared)}" if t.shared else "") + f" = {_t(plan.step_time)}")
+    if t.shared:
+        c = plan.cluster
+        n, cores = min(dp * plan.tp * pp, c.devices_per_node), c.cores_per_node
+        out.append(f"  shared processors: {n} devices on {cores} cores; step = max(work + bubble, "
+                   f"work x {n}/{cores}) = max({_t(t.work + t.bubble)}, {_t(t.work * n / cores)})")
     out.append(f"  {plan.tokens_per_s:.4g} tokens/s, {plan.tflops_per_device:.4g} TFLOP/s per device "
                f"(counting recomputation), MFU {plan.mfu:.1%}")
     out.append("")

@@ -12,12 +12,21 @@ critical path (``2·(v·m + p - 1)`` of ``b·s·h/t`` elements: Megatron's scatt
 data-parallel gradient all-reduce (exposed beyond the last micro-batch's backward when it
 overlaps in buckets) or ZeRO-1's reduce-scatter + all-gather, and ``step_overhead``.
 
+The simulator times a chain's first stage as a runtime runs it: it has no input to
+differentiate, so a split backward's I is empty there and its W is the whole backward (with the
+paper's uniform I, ZB-H1 on two stages would show a bubble no runtime reaches).
+
+Devices that share processors (``Cluster.cores_per_node``: more CPU processes than cores) run
+the busy ones at full speed while others idle, so the step is the larger of the dedicated-device
+time (work plus bubble) and the whole shape's work over the cores; the difference is ``shared``.
+
 Large pipelines are simulated at ``m1 = p + m mod p`` and ``m1 + p`` micro-batches and the
 bubble (and in-flight micro-batches) extrapolated linearly in ``m``: every schedule's idle time
 is affine in ``m`` once ``m >= p`` (exact for GPipe, 1F1B and interleaved 1F1B).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -61,10 +70,17 @@ class Time:
     """Fixed per-step costs (optimizer launch, loss)."""
     in_flight: float
     """Micro-batches whose activations the busiest stage holds (full-stage units)."""
+    shared: float = 0.0
+    """Waiting for a processor shared with other devices (``Cluster.cores_per_node``)."""
+
+    @property
+    def work(self) -> float:
+        """Everything but the waits (bubble, shared processor)."""
+        return self.compute + self.recompute + self.tp_comm + self.pp_comm + self.dp_comm + self.other
 
     @property
     def total(self) -> float:
-        return self.compute + self.recompute + self.tp_comm + self.pp_comm + self.dp_comm + self.bubble + self.other
+        return self.work + self.bubble + self.shared
 
 
 def _fallback_in_flight(name: str, p: int, m: int, v: int) -> float:
@@ -85,7 +101,7 @@ def _simulate(name: str, p: int, m: int, v: int, ratio: float) -> tuple[float, f
         raise PipelineShapeError(str(e)) from e
     # The engine alone: the builders' schedules are validated by their own tests, and
     # validation costs three times the simulation.
-    result = execute(schedule, 1.0, ratio)
+    result = execute(schedule, 1.0, ratio, first_stage_input_grad=False)
     peaks = getattr(result, "peak_activations", None)
     held = max(peaks) / v if peaks else _fallback_in_flight(name, p, m, v)
     return result.makespan, held
@@ -135,6 +151,8 @@ def step_time(model: Model, cluster: Cluster, *, dp: int, tp: int, pp: int, sche
     ar = cluster.collective("all_reduce", tokens * h * model.dtype_bytes, tp, tp)
     k_fwd = 2 * blocks * ar
     k_bwd = 2 * blocks * ar + (2 * blocks * ar if recompute == "full" else 0.0)
+    if pp > 1 and schedule in pl.SCHEDULES and pl.SCHEDULES[schedule].splits_backward():
+        c_bwd += blocks * cluster.layer_overhead  # I and W walk the graph once each
     t_fwd, t_bwd = c_fwd + k_fwd, c_bwd + r + k_bwd
     if pp > 1:
         if simulate:
@@ -160,6 +178,11 @@ def step_time(model: Model, cluster: Cluster, *, dp: int, tp: int, pp: int, sche
             dp_comm = full
     else:
         dp_comm = 0.0
-    return Time(compute=m * (c_fwd + c_bwd), recompute=m * r, tp_comm=m * (k_fwd + k_bwd), pp_comm=pp_comm,
-                dp_comm=dp_comm, bubble=bubble, other=step_overhead, in_flight=held)
+    t = Time(compute=m * (c_fwd + c_bwd), recompute=m * r, tp_comm=m * (k_fwd + k_bwd), pp_comm=pp_comm,
+             dp_comm=dp_comm, bubble=bubble, other=step_overhead, in_flight=held)
+    devices = min(dp * tp * pp, cluster.devices_per_node)  # those of the shape on one node
+    if cluster.cores_per_node and devices > cluster.cores_per_node:
+        shared = t.work * devices / cluster.cores_per_node - (t.work + t.bubble)
+        t = dataclasses.replace(t, shared=max(0.0, shared))
+    return t
 
