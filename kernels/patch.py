@@ -243,11 +243,10 @@ def _gated_match(m: nn.Module):
         except Exception as e:
             return None, f"forward could not be probed ({type(e).__name__})"
         gate, up = F.linear(x, wg, bg), F.linear(x, wu, bu)
-        # tanh and erf GELU differ by ~1e-4 here: take the closest form, then require a match
-        err = {a: (y.float() - F.linear(_activations.torch_apply(gate, a) * up, wd, bd).float()).abs().max().item()
-               for a in GATED}
-    best = min(err, key=err.__getitem__)
-    if not _close(y, F.linear(_activations.torch_apply(gate, best) * up, wd, bd), wg):
+        refs = {a: F.linear(_activations.torch_apply(gate, a) * up, wd, bd) for a in GATED}
+    # tanh and erf GELU differ by ~1e-4 here: take the closest form, then require a match
+    best = min(refs, key=lambda a: (y.float() - refs[a].float()).abs().max().item())
+    if not _close(y, refs[best], wg):
         act = next((type(getattr(m, a)).__name__ for a in ("act_fn", "activation_fn", "act") if hasattr(m, a)), "?")
         return None, (f"gate/up/down MLP that is not down(act(gate) * up) with act silu or gelu "
                       f"(activation {act}); kept on torch")
