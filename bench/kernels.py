@@ -96,6 +96,12 @@ def _cpu_correctness(args) -> int:
         xr = x[..., :16]
         return torch.cat((xr * c + torch.cat((-xr[..., 8:], xr[..., :8]), -1) * s_, x[..., 16:]), -1)
 
+    def hopper(fn):
+        def run(*args):
+            with kernels.use_variant("hopper"):
+                return fn(*args)
+        return run
+
     cases = [
         ("fused_add_mul", kernels.fused_add_mul, lambda a, b, c, d: d + (a + b) * c,
          [r(7, 1, 33), r(5, 33), r(33), r(7, 5, 33)]),
@@ -113,6 +119,12 @@ def _cpu_correctness(args) -> int:
         ("matmul(+bias, gelu)", lambda a, b, c: kernels.matmul(a, b, c, "gelu"), lambda a, b, c: F.gelu(a @ b + c),
          [r(70, 90), r(90, 50, scale=0.2), r(50)]),
         ("flash_attention(causal, GQA)", lambda q, k, v: kernels.flash_attention(q, k, v, causal=True),
+         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+         [r(1, 4, 70, 64), r(1, 2, 70, 64), r(1, 2, 70, 64)]),
+        # The Hopper-native family (TMA descriptors; sizes with 16-byte rows so it can take them)
+        ("matmul[hopper](+bias, gelu)", hopper(lambda a, w, c: kernels.matmul(a, w.t(), c, "gelu")),
+         lambda a, w, c: F.gelu(a @ w.t() + c), [r(70, 96), r(48, 96, scale=0.2), r(48)]),
+        ("flash_attention[hopper](causal)", hopper(lambda q, k, v: kernels.flash_attention(q, k, v, causal=True)),
          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
          [r(1, 4, 70, 64), r(1, 2, 70, 64), r(1, 2, 70, 64)]),
         ("qkv_attention(GQA)", lambda x, w: kernels.qkv_attention(x, w, num_heads=2, num_kv_heads=1), qkv_ref,
@@ -357,6 +369,7 @@ def _gpu_benchmark(args) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from pycomm import kernels
+    from pycomm.kernels import _dispatch
 
     dev = "cuda"
     bf16 = torch.bfloat16
@@ -375,6 +388,16 @@ def _gpu_benchmark(args) -> int:
     def compiled(fn):
         return torch.compile(fn, fullgraph=True)
 
+    # Matmul and attention have two kernel families; the plain rows run the per-bucket choice
+    # (kernels.variant_choices(), printed at the end), the [family] rows force each one.
+    families = ["portable", "hopper"] if _dispatch.hopper_capable(torch.empty(0, device=dev)) else []
+
+    def forced(family, fn):
+        def run():
+            with kernels.use_variant(family):
+                return fn()
+        return run
+
     # --- matmul: bf16 4096^3, plain and with a fused bias + GELU epilogue
     n = 2048 if args.quick else 4096
     a, b, bias = (torch.randn(n, n, device=dev, dtype=bf16) / 8, torch.randn(n, n, device=dev, dtype=bf16) / 8,
@@ -383,11 +406,16 @@ def _gpu_benchmark(args) -> int:
     g = f"matmul bf16 {n}^3"
     R.add(g, "torch.matmul (cuBLAS)", lambda: torch.matmul(a, b), flops=flops, anchor=True)
     R.add(g, "kernels.matmul", lambda: kernels.matmul(a, b), flops=flops)
+    for family in families:
+        R.add(g, f"kernels.matmul [{family}]", forced(family, lambda: kernels.matmul(a, b)), flops=flops)
     R.add(g, "torch.compile", (lambda f: lambda: f(a, b))(compiled(torch.matmul)), flops=flops)
     R.print_group(g)
     g = f"matmul+bias+gelu bf16 {n}^3"
     R.add(g, "torch eager", lambda: F.gelu(a @ b + bias), flops=flops, anchor=True)
     R.add(g, "kernels.matmul(fused)", lambda: kernels.matmul(a, b, bias, "gelu"), flops=flops)
+    for family in families:
+        R.add(g, f"kernels.matmul(fused) [{family}]", forced(family, lambda: kernels.matmul(a, b, bias, "gelu")),
+              flops=flops)
     fused = compiled(lambda a, b, c: F.gelu(a @ b + c))
     R.add(g, "torch.compile", (lambda f: lambda: f(a, b, bias))(fused), flops=flops)
     R.print_group(g)
@@ -411,6 +439,9 @@ def _gpu_benchmark(args) -> int:
         with torch.no_grad():
             R.add(g, "SDPA flash", sdpa_flash(causal), flops=fwd_flops, anchor=True)
             R.add(g, "kernels.flash_attention", lambda: kernels.flash_attention(q, k, v, causal), flops=fwd_flops)
+            for family in families:
+                R.add(g, f"kernels.flash_attention [{family}]",
+                      forced(family, lambda: kernels.flash_attention(q, k, v, causal)), flops=fwd_flops)
         R.print_group(g)
         g = f"flash_attention fwd+bwd {tag} B{B} H{H} S{S} D{D}"
         # fwd + bwd = 1 + 2.5 forward-equivalents (the backward does 2 matmuls more and recomputes P)
@@ -418,6 +449,8 @@ def _gpu_benchmark(args) -> int:
         R.add(g, "SDPA flash", _fwd_bwd_fn(sdpa_flash(causal), (q, k, v), do), flops=total, anchor=True, memory=True)
         ours = _fwd_bwd_fn(lambda: kernels.flash_attention(q, k, v, causal), (q, k, v), do)
         R.add(g, "kernels.flash_attention", ours, flops=total, memory=True)
+        for family in families:
+            R.add(g, f"kernels.flash_attention [{family}]", forced(family, ours), flops=total)
         R.print_group(g)
     del q, k, v, do
 
@@ -546,7 +579,13 @@ def _gpu_benchmark(args) -> int:
     R.print_group(g)
     del xm, wg, wu, wd, gm
 
-    payload = dict(mode="gpu-timings", env=_env(), copy_gbps=R.copy_bw, peak_bf16_flops=R.peak_flops, rows=R.rows)
+    choices = {op: [dict(c, key=str(c["key"])) for c in cs] for op, cs in kernels.variant_choices().items()}
+    print("kernel families chosen per bucket (ms of each when timed):")
+    for op, cs in choices.items():
+        for c in cs:
+            print(f"  {op} {c['key']}: {c['variant']} {c['ms']}")
+    payload = dict(mode="gpu-timings", env=_env(), copy_gbps=R.copy_bw, peak_bf16_flops=R.peak_flops, rows=R.rows,
+                   variant_choices=choices)
     if args.json:
         _write_json(args.json, payload)
     if args.plot:

@@ -3,7 +3,10 @@
 
 Each op runs its Triton kernels on CUDA tensors (or on CPU tensors under Triton's interpreter,
 ``TRITON_INTERPRET=1``) and a PyTorch fallback otherwise; ``PYCOMM_KERNELS_BACKEND`` overrides
-the choice (see ``kernels/_dispatch.py`` and docs/kernels.md).
+the choice (see ``kernels/_dispatch.py`` and docs/kernels.md).  Where an op has a Hopper-native
+kernel family beside the portable one (matmul, attention), the faster one is chosen per autotune
+bucket on the GPU; ``PYCOMM_KERNEL_VARIANT`` or ``use_variant()`` forces one, and
+``variant_choices()`` shows what was chosen.
 """
 import importlib as _importlib
 import sys as _sys
@@ -17,7 +20,7 @@ if __name__ != "pycomm.kernels":
     _sys.modules[__name__] = _importlib.import_module("pycomm.kernels")
 else:
     from . import nn
-    from ._dispatch import backend
+    from ._dispatch import backend, use_variant, variant_choices
     from .add_rms_norm import add_rms_norm
     from .bias_gelu import bias_gelu
     from .cross_entropy import softmax_cross_entropy
@@ -36,5 +39,5 @@ else:
     __all__ = [
         "add_rms_norm", "backend", "bias_gelu", "flash_attention", "flash_attention_varlen", "fused_add_mul",
         "fused_linear_cross_entropy", "geglu", "geglu_mlp", "layer_norm", "matmul", "nn", "patch", "qkv_attention",
-        "rms_norm", "rope", "softmax_cross_entropy", "swiglu", "swiglu_mlp",
+        "rms_norm", "rope", "softmax_cross_entropy", "swiglu", "swiglu_mlp", "use_variant", "variant_choices",
     ]

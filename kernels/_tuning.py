@@ -127,3 +127,12 @@ def autotune(configs, key, bucketed: Sequence[str] = (), shared_memory: Estimate
                                  prune_configs_by=prune, bucketed=bucketed)
 
     return decorator
+
+
+def epilogue_fits_registers(config: triton.Config, args: dict) -> bool:
+    """The matmul kernels' register rule: a fused activation epilogue on a tile of 128 fp32
+    accumulators per thread spills on sm_90 (255 registers and 184-304 bytes of spill stores in
+    bench/compile_reports), so those tiles are left to the plain matmul, where they fit."""
+    kw = config.kwargs
+    per_thread = kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * config.num_warps)
+    return args.get("ACTIVATION", "none") == "none" or per_thread < 128

@@ -90,3 +90,11 @@ def broadcast_layout(shape: Sequence[int], tensors: Sequence[torch.Tensor], max_
 def flatten_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a 2-D (rows, last dim) tensor; unlike ``reshape(-1, N)`` this also works for N == 0."""
     return t.reshape(prod(t.shape[:-1]), t.shape[-1])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype``, following torch's own choice:
+    float32 products are IEEE unless ``torch.backends.cuda.matmul.allow_tf32`` is set."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"  # ignored for 16-bit operands; "tf32" is Triton's default

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _interpreter, _utils
+from . import _dispatch, _interpreter, _tuning, _utils, flash_attention_tma
 from ._activations import _tanh
 from ._dispatch import use_triton
 
@@ -84,8 +84,9 @@ def _fwd_fits_registers(config, args):
 # dK/dV holds two BLOCK_N x BLOCK_D fp32 accumulators plus the K and V tiles, and recomputes
 # transposed score tiles: at head dim 128 only the smallest tile stays in registers.
 # 64x64 tiles at d=64 and every 32x64 or larger tile at d=128 spill (20-856 B) since the mask
-# variants' index math came in; 32x32 and 16x64 tiles at d=128 compile clean.
-_DKDV_NO_SPILL = {64: {(32, 64, 3, 4), (64, 128, 2, 8)}, 128: {(32, 32, 2, 4), (32, 32, 3, 4), (16, 64, 2, 4)}}
+# variants' index math came in; 32x32 tiles at d=128 compile clean (16x64 too on triton 3.9, but
+# it spills 12 B on 3.6, the GPU image's).  flash_attention_tma's dK/dV kernel keeps more.
+_DKDV_NO_SPILL = {64: {(32, 64, 3, 4), (64, 128, 2, 8)}, 128: {(32, 32, 2, 4), (32, 32, 3, 4)}}
 
 
 def _dkdv_fits_registers(config, args):
@@ -439,12 +440,6 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _precision(dtype):
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "tf32"
-
-
 def _block_d(D):
     return max(16, triton.next_power_of_2(D))  # tl.dot needs an inner dimension of at least 16
 
@@ -466,6 +461,8 @@ class _Masks:
                           HAS_WINDOW=bool(window), HAS_KPM=kpm is not None, SOFTCAP=bool(softcap))
         self.window, self.softcap = int(window or 0), float(softcap or 1.0)
         self.s_pb = self.kpm.stride(0) if self.kpm is not None else 0
+        # Only causal/full masks, bottom-right or not: what the Hopper family (flash_attention_tma) takes.
+        self.plain = varlen is None and not window and kpm is None and not softcap
 
     def strides(self, t):
         st = list(t.stride())
@@ -475,6 +472,24 @@ class _Masks:
 
     def lse_strides(self, lse):
         return (0, lse.stride(0)) if self.varlen is not None else (lse.stride(0), lse.stride(1))
+
+
+def _flags(D, dtype):
+    """The constexprs every attention kernel of both families takes."""
+    return dict(HEAD_DIM=D, BLOCK_D=_block_d(D), PRECISION=_utils.dot_precision(dtype),
+                DOT_F32=_interpreter.dot_in_fp32(dtype))
+
+
+# Which kernel family runs each bucket of attention shapes: the portable kernels above, or
+# flash_attention_tma's where the masks and layouts allow (see _dispatch.VariantTuner).
+_FWD_VARIANTS = _dispatch.VariantTuner("flash_attention_fwd")
+_BWD_VARIANTS = _dispatch.VariantTuner("flash_attention_bwd")
+
+
+def _variant_key(q, k, causal, masks):
+    B, H, S_Q, D = q.shape
+    return (_tuning.bucket(S_Q), _tuning.bucket(k.shape[2]), D, H // k.shape[1], causal, q.dtype,
+            tuple(sorted(masks.flags.items())))
 
 
 def attention_fwd(q, k, v, o, causal: bool, scale: float, masks: _Masks | None = None, lse=None) -> torch.Tensor:
@@ -488,15 +503,21 @@ def attention_fwd(q, k, v, o, causal: bool, scale: float, masks: _Masks | None =
         lse = torch.empty((B, H, S_Q), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return lse
-    common = dict(
-        HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, PRECISION=_precision(q.dtype),
-        DOT_F32=_interpreter.dot_in_fp32(q.dtype), **masks.flags,
-    )
-    grid = lambda meta: (triton.cdiv(S_Q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse, *masks.ptrs, *masks.strides(q), *masks.strides(k), *masks.strides(v), *masks.strides(o),
-        *masks.lse_strides(lse), masks.s_pb, H, H // H_KV, S_Q, S_K, scale, masks.window, masks.softcap, **common,
-    )
+    flags = _flags(D, q.dtype)
+
+    def portable():
+        grid = lambda meta: (triton.cdiv(S_Q, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attn_fwd_kernel[grid](
+            q, k, v, o, lse, *masks.ptrs, *masks.strides(q), *masks.strides(k), *masks.strides(v), *masks.strides(o),
+            *masks.lse_strides(lse), masks.s_pb, H, H // H_KV, S_Q, S_K, scale, masks.window, masks.softcap,
+            CAUSAL=causal, **masks.flags, **flags,
+        )
+
+    candidates = {_dispatch.PORTABLE: portable}
+    if masks.plain and _dispatch.hopper_capable(q) and flash_attention_tma.tma_ok(q, k, v, o):
+        candidates[_dispatch.HOPPER] = lambda: flash_attention_tma.attention_fwd_tma(
+            q, k, v, o, lse, causal, scale, masks.flags["BOTTOM_RIGHT"], flags)
+    _FWD_VARIANTS.run(_variant_key(q, k, causal, masks), candidates)
     return lse
 
 
@@ -521,23 +542,30 @@ def attention_bwd(q, k, v, o, lse, do, dq, dk, dv, causal: bool, scale: float, m
         _attn_bwd_preprocess_kernel[(triton.cdiv(S_Q, pre_block), B * H)](
             o, do, delta, *o.stride(), *do.stride(), H, S_Q, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block,
         )
-    common = dict(
-        HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, PRECISION=_precision(q.dtype),
-        DOT_F32=_interpreter.dot_in_fp32(q.dtype), **masks.flags,
-    )
+    flags = _flags(D, q.dtype)
+    common = dict(CAUSAL=causal, **masks.flags, **flags)
     group = H // H_KV
     st = masks.strides
     tail = (*masks.lse_strides(lse), masks.s_pb)
-    grid_kv = lambda meta: (triton.cdiv(S_K, meta["BLOCK_N"]), B * H_KV)  # noqa: E731
-    _attn_bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, lse, delta, dk, dv, *masks.ptrs, *st(q), *st(k), *st(v), *st(do), *st(dk), *st(dv),
-        *tail, H_KV, group, S_Q, S_K, scale, masks.window, masks.softcap, **common,
-    )
-    grid_q = lambda meta: (triton.cdiv(S_Q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_bwd_dq_kernel[grid_q](
-        q, k, v, do, lse, delta, dq, *masks.ptrs, *st(q), *st(k), *st(v), *st(do), *st(dq),
-        *tail, H, group, S_Q, S_K, scale, masks.window, masks.softcap, **common,
-    )
+
+    def portable():
+        grid_kv = lambda meta: (triton.cdiv(S_K, meta["BLOCK_N"]), B * H_KV)  # noqa: E731
+        _attn_bwd_dkdv_kernel[grid_kv](
+            q, k, v, do, lse, delta, dk, dv, *masks.ptrs, *st(q), *st(k), *st(v), *st(do), *st(dk), *st(dv),
+            *tail, H_KV, group, S_Q, S_K, scale, masks.window, masks.softcap, **common,
+        )
+        grid_q = lambda meta: (triton.cdiv(S_Q, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attn_bwd_dq_kernel[grid_q](
+            q, k, v, do, lse, delta, dq, *masks.ptrs, *st(q), *st(k), *st(v), *st(do), *st(dq),
+            *tail, H, group, S_Q, S_K, scale, masks.window, masks.softcap, **common,
+        )
+
+    candidates = {_dispatch.PORTABLE: portable}
+    if (masks.plain and lse.is_contiguous() and _dispatch.hopper_capable(q)
+            and flash_attention_tma.tma_ok(q, k, v, do, dq, dk, dv)):
+        candidates[_dispatch.HOPPER] = lambda: flash_attention_tma.attention_bwd_tma(
+            q, k, v, do, lse, delta, dq, dk, dv, causal, scale, masks.flags["BOTTOM_RIGHT"], flags)
+    _BWD_VARIANTS.run(_variant_key(q, k, causal, masks), candidates)
 
 
 def _fwd(q, k, v, causal, scale, kpm=None, window=0, bottom_right=False, softcap=0.0):

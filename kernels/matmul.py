@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _activations, _interpreter, _utils
+from . import _activations, _dispatch, _interpreter, _tuning, _utils, matmul_tma
 from ._dispatch import use_triton
 
 # ----------------------------------------------------------------------------------------------
@@ -50,21 +50,12 @@ def _shared_memory(config, dtype_bytes, args):
     return max(config.num_stages * tiles, kw["BLOCK_M"] * kw["BLOCK_N"] * 4)
 
 
-def _fits_registers(config, args):
-    # A fused activation epilogue on a tile of 128 fp32 accumulators per thread spills on sm_90
-    # (255 registers and 184-304 bytes of spill stores in bench/compile_reports): leave those
-    # tiles to the plain matmul, where they fit.
-    kw = config.kwargs
-    per_thread = kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * config.num_warps)
-    return args.get("ACTIVATION", "none") == "none" or per_thread < 128
-
-
 @_interpreter.autotune(
     configs=_configs(),
     # M (tokens: batch x sequence) in power-of-two buckets so a new prompt length or batch size
     # reuses a tuned config; N and K (weight shapes) exact.
     key=["M", "N", "K", "ACTIVATION", "HAS_BIAS"], bucketed=["M"], shared_memory=_shared_memory,
-    keep=_fits_registers,
+    keep=_tuning.epilogue_fits_registers,
     # Big tiles in the interpreter: it pays per program, and numpy does the tile dot quickly.
     interpreter_config=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}),
 )
@@ -135,10 +126,9 @@ def _activation_bwd_kernel(g_ptr, z_ptr, dz_ptr, n_elements, ACTIVATION: tl.cons
 # ----------------------------------------------------------------------------------------------
 
 
-def _precision(dtype):
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "tf32"  # ignored for 16-bit operands; "tf32" is Triton's default
+# Which kernel family runs each bucket of matmul shapes: the portable kernel above, or the
+# persistent TMA kernel of matmul_tma.py where its operands allow (see _dispatch.VariantTuner).
+_VARIANTS = _dispatch.VariantTuner("matmul")
 
 
 def mm(a2, b, bias=None, activation="none", save_preact=False, out=None):
@@ -154,14 +144,22 @@ def mm(a2, b, bias=None, activation="none", save_preact=False, out=None):
     z = torch.empty((M, N), dtype=a2.dtype, device=a2.device) if save_preact else None
     if M == 0 or N == 0:
         return out, z
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _matmul_kernel[grid](
-        a2, b, out, bias if bias is not None else out, z if z is not None else out, M, N, K,
-        a2.stride(0), a2.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        ACTIVATION=activation, HAS_BIAS=bias is not None, SAVE_PREACT=save_preact,
-        PRECISION=_precision(a2.dtype), DOT_F32=_interpreter.dot_in_fp32(a2.dtype),
-    )
-    return out, z
+
+    def portable():
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _matmul_kernel[grid](
+            a2, b, out, bias if bias is not None else out, z if z is not None else out, M, N, K,
+            a2.stride(0), a2.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            ACTIVATION=activation, HAS_BIAS=bias is not None, SAVE_PREACT=save_preact,
+            PRECISION=_utils.dot_precision(a2.dtype), DOT_F32=_interpreter.dot_in_fp32(a2.dtype),
+        )
+        return out, z
+
+    candidates = {_dispatch.PORTABLE: portable}
+    if _dispatch.hopper_capable(a2) and matmul_tma.tma_ok(a2, b, out):
+        candidates[_dispatch.HOPPER] = lambda: matmul_tma.mm_tma(a2, b, bias, activation, save_preact, out, z)
+    key = (_tuning.bucket(M), N, K, activation, bias is not None, save_preact, a2.dtype, b.stride(0) == 1)
+    return _VARIANTS.run(key, candidates)
 
 
 def activation_bwd(g, z, activation):

@@ -12,8 +12,9 @@ program per SM walking the tiles (grouped ordering as in matmul.py) overlaps one
 epilogue with the next one's loads.  No ``warp_specialize``: triton 3.9 documents it as
 Blackwell-only and both 3.6 and 3.9 ignore it on sm_90.
 
-Not yet chosen automatically: on a GPU it is a candidate to time against the portable kernel
-(bench), compiled for sm_90 by the compile check and tested in the interpreter here.
+Chosen by ``matmul.mm`` per autotune bucket: on an sm_90+ GPU both families are timed on the first
+call of a bucket and the faster one is kept (``_dispatch.VariantTuner``; ``PYCOMM_KERNEL_VARIANT``
+forces one).  Compiled for sm_90 by the compile check and tested in the interpreter.
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _activations, _interpreter
-from .matmul import _fits_registers, _precision
+from . import _activations, _interpreter, _tuning, _utils
 
 # Feature detection: a Triton without device-side descriptors keeps the portable kernel.
 HAS_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
@@ -61,7 +61,7 @@ def _tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @_interpreter.autotune(
     configs=_configs(),
     key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "B_KMAJOR"], bucketed=["M"], shared_memory=_shared_memory,
-    keep=_fits_registers,
+    keep=_tuning.epilogue_fits_registers,
     interpreter_config=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}),
 )
 @triton.jit
@@ -125,13 +125,16 @@ def _alloc(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def mm_tma(a2, b, bias=None, activation="none", save_preact=False, out=None):
-    """``matmul.mm`` through the persistent TMA kernel; (out, z or None).  Check ``tma_ok`` first."""
+def mm_tma(a2, b, bias=None, activation="none", save_preact=False, out=None, z=None):
+    """``matmul.mm`` through the persistent TMA kernel; (out, z or None).  Check ``tma_ok`` first.
+
+    ``out`` and ``z`` may be preallocated (M, N) tensors (``matmul.mm`` passes its own)."""
     M, K = a2.shape
     N = b.shape[1]
     if out is None:
         out = torch.empty((M, N), dtype=a2.dtype, device=a2.device)
-    z = torch.empty((M, N), dtype=a2.dtype, device=a2.device) if save_preact else None
+    if z is None and save_preact:
+        z = torch.empty((M, N), dtype=a2.dtype, device=a2.device)
     if not tma_ok(a2, b, out):
         raise ValueError("mm_tma: these operands are not TMA-addressable (unit inner strides, 16-byte aligned "
                          "rows and pointers); use kernels.matmul.mm")
@@ -147,6 +150,6 @@ def mm_tma(a2, b, bias=None, activation="none", save_preact=False, out=None):
         a2, b, out, bias if bias is not None else out, z if z is not None else out,
         M, N, K, a2.stride(0), b.stride(1) if b_kmajor else b.stride(0), out.stride(0), num_sms,
         ACTIVATION=activation, HAS_BIAS=bias is not None, SAVE_PREACT=save_preact, B_KMAJOR=b_kmajor,
-        PRECISION=_precision(a2.dtype), DOT_F32=_interpreter.dot_in_fp32(a2.dtype),
+        PRECISION=_utils.dot_precision(a2.dtype), DOT_F32=_interpreter.dot_in_fp32(a2.dtype),
     )
     return out, z

@@ -1,4 +1,7 @@
-"""flash_attention and qkv_attention against F.scaled_dot_product_attention."""
+"""flash_attention and qkv_attention against F.scaled_dot_product_attention; the core cases run
+on both kernel families (the portable kernels and flash_attention_tma's Hopper variant)."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +9,8 @@ from kernel_numerics import DEVICE, check, dot_dtypes, randn
 
 from pycomm import kernels
 from pycomm.kernels import _dispatch
+
+tma = importlib.import_module("pycomm.kernels.flash_attention_tma")
 
 
 def sdpa(q, k, v, causal):
@@ -26,7 +31,7 @@ CASES = [
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}kv{}q{}k{}D{}".format(*c))
-def test_flash_attention_fp32(case, causal):
+def test_flash_attention_fp32(case, causal, variant):
     B, H, H_KV, S_Q, S_K, D = case
     q, k, v = randn(B, H, S_Q, D), randn(B, H_KV, S_K, D, seed=1), randn(B, H_KV, S_K, D, seed=2)
     check(lambda q, k, v: kernels.flash_attention(q, k, v, causal), lambda q, k, v: sdpa(q, k, v, causal),
@@ -35,13 +40,13 @@ def test_flash_attention_fp32(case, causal):
 
 @pytest.mark.parametrize("dtype", [d for d in dot_dtypes()][1:])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_flash_attention_low_precision(dtype, causal):
+def test_flash_attention_low_precision(dtype, causal, variant):
     q, k, v = randn(2, 4, 100, 64, scale=1.5), randn(2, 2, 100, 64, seed=1), randn(2, 2, 100, 64, seed=2)
     check(lambda q, k, v: kernels.flash_attention(q, k, v, causal), lambda q, k, v: sdpa(q, k, v, causal),
           [q, k, v], dtype)
 
 
-def test_flash_attention_strided_inputs_and_scale():
+def test_flash_attention_strided_inputs_and_scale(variant):
     # q/k/v as views of one (B, S, 3, H, D) buffer, as a packed QKV projection produces them.
     qkv = randn(2, 50, 3, 2, 32)
 
@@ -82,7 +87,7 @@ def qkv_reference(x, w, b, H, H_KV, causal):
 
 @pytest.mark.parametrize("dtype", dot_dtypes())
 @pytest.mark.parametrize("H,H_KV,D,causal,bias", [(4, 2, 16, True, True), (2, 2, 32, False, False)])
-def test_qkv_attention(dtype, H, H_KV, D, causal, bias):
+def test_qkv_attention(dtype, H, H_KV, D, causal, bias, variant):
     E = 48
     x = randn(2, 50, E)
     w = randn((H + 2 * H_KV) * D, E, scale=E ** -0.5, seed=1)
@@ -173,6 +178,31 @@ def test_flash_attention_masks(backend, case):
 
     check(ours, lambda q, k, v: masked_reference(q, k, v, causal, kpm, window, br, softcap), [q, k, v],
           torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2, 45, 130, 32), (2, 2, 1, 70, 20, 16)], ids=["prefill", "more-queries"])
+def test_flash_attention_bottom_right_causal(shape, variant):
+    # Chunked prefill (queries are the last S_q of S_k positions), and more queries than keys:
+    # the first S_q - S_k rows see no key (zero output, zero gradient), the rest straddle the
+    # diagonal, which the Hopper family handles in its own stage.
+    B, H, H_KV, S_Q, S_K, D = shape
+    q, k, v = randn(B, H, S_Q, D), randn(B, H_KV, S_K, D, seed=1), randn(B, H_KV, S_K, D, seed=2)
+    check(lambda q, k, v: kernels.flash_attention(q, k, v, True, causal_alignment="bottom_right"),
+          lambda q, k, v: masked_reference(q, k, v, True, None, None, True), [q, k, v], torch.float32)
+
+
+def test_the_hopper_family_takes_only_the_plain_masks(monkeypatch):
+    # A sliding window (or padding mask, softcap, varlen) stays on the portable kernels even when
+    # the Hopper family is forced; plain causal attention goes to the Hopper family.
+    monkeypatch.setenv(_dispatch.VARIANT_ENV_VAR, _dispatch.HOPPER)
+    ran = []
+    monkeypatch.setattr(tma, "attention_fwd_tma", lambda *a, **kw: ran.append(a))
+    q = randn(1, 2, 20, 16).float()
+    kernels.flash_attention(q, q, q, causal=True, sliding_window=4)
+    assert not ran
+    if _dispatch.use_triton(q) and _dispatch.hopper_capable(q):
+        kernels.flash_attention(q, q, q, causal=True)
+        assert len(ran) == 1
 
 
 def test_flash_attention_fully_masked_rows_are_zero(backend):

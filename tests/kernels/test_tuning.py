@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
-from pycomm.kernels import _tuning
+from pycomm.kernels import _dispatch, _tuning
 
 matmul_mod = importlib.import_module("pycomm.kernels.matmul")
 attn_mod = importlib.import_module("pycomm.kernels.flash_attention")
@@ -75,3 +75,52 @@ def test_fp32_attention_at_head_dim_128_prunes_the_big_tiles(arch):
     assert kept and all(attn_mod._fwd_shared_memory(c, 4, {"BLOCK_D": 128}) <= _tuning.SHARED_MEMORY_LIMIT[arch]
                         for c in kept)
     assert not any(c.kwargs == {"BLOCK_M": 128, "BLOCK_N": 128} for c in kept)
+
+
+# ---------------------------------------------------------------- kernel families (_dispatch.VariantTuner)
+
+
+def _families(log):
+    return {_dispatch.PORTABLE: lambda: log.append("portable") or "p", _dispatch.HOPPER: lambda: log.append("hopper") or "h"}
+
+
+def test_variant_tuner_times_each_family_once_per_bucket_and_keeps_the_faster(monkeypatch):
+    # As on a GPU (no interpreter): the first call of a bucket times both families, later calls
+    # in the bucket run the winner without timing.
+    monkeypatch.setattr(_dispatch._interpreter, "INTERPRETING", False)
+    monkeypatch.delenv(_dispatch.VARIANT_ENV_VAR, raising=False)
+    speed = {"portable": 2.0, "hopper": 1.0}
+    timed, log = [], []
+
+    def timer(fn):
+        fn()
+        timed.append(log[-1])
+        return speed[log[-1]]
+
+    tuner = _dispatch.VariantTuner("test_op", timer=timer)
+    assert tuner.run((128, 64), _families(log)) == "h"
+    assert timed == ["portable", "hopper"]
+    assert tuner.run((128, 64), _families(log)) == "h" and len(timed) == 2  # cached
+    speed.update(portable=0.5)
+    assert tuner.run((256, 64), _families(log)) == "p" and len(timed) == 4  # a new bucket is timed
+    only_portable = {_dispatch.PORTABLE: _families(log)[_dispatch.PORTABLE]}
+    assert tuner.run((128, 64), only_portable) == "p" and len(timed) == 4  # one family: nothing to time
+    choices = _dispatch.variant_choices()["test_op"]
+    assert [c["variant"] for c in choices] == ["hopper", "portable"]
+    assert choices[0]["ms"] == {"portable": 2.0, "hopper": 1.0}
+
+
+def test_variant_tuner_forced_and_interpreted(monkeypatch):
+    log = []
+    tuner = _dispatch.VariantTuner("test_op2", timer=lambda fn: pytest.fail("nothing should be timed"))
+    monkeypatch.setattr(_dispatch._interpreter, "INTERPRETING", True)
+    monkeypatch.delenv(_dispatch.VARIANT_ENV_VAR, raising=False)
+    assert tuner.run((1,), _families(log)) == "p"  # interpreter: no timer, the portable family
+    monkeypatch.setenv(_dispatch.VARIANT_ENV_VAR, "hopper")
+    assert tuner.run((1,), _families(log)) == "h"
+    assert tuner.run((1,), {_dispatch.PORTABLE: _families(log)[_dispatch.PORTABLE]}) == "p"  # cannot: portable
+    monkeypatch.setenv(_dispatch.VARIANT_ENV_VAR, "portable")
+    assert tuner.run((1,), _families(log)) == "p"
+    monkeypatch.setenv(_dispatch.VARIANT_ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="PYCOMM_KERNEL_VARIANT='fastest' is not one of"):
+        tuner.run((1,), _families(log))
