@@ -61,7 +61,7 @@ bench() {
   timeout 120 $py -m bench --device cuda -n 2 -e 16M --no-progress --plot '' --json "$out/collectives.json" \
     > "$out/bench-collectives.txt" 2>&1; say "bench collectives rc=$?"
   grep -E "^# (all_reduce|Avg)|^ +(8|1048576|16777216) " "$out/bench-collectives.txt" | head -40
-  timeout 150 $py -m bench kernels --quick --json "$out/kernels.json" > "$out/bench-kernels.txt" 2>&1
+  timeout 240 $py -m bench kernels --quick --json "$out/kernels.json" > "$out/bench-kernels.txt" 2>&1
   say "bench kernels rc=$?"; tail -60 "$out/bench-kernels.txt"
 }
 
