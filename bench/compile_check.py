@@ -1,5 +1,6 @@
 """`python -m bench.compile_check [--update] [--arch 90 80] [--jobs N]`: every Triton kernel in
-``kernels/``, compiled ahead of time for Hopper (sm_90) and Ampere (sm_80) on a machine without a GPU.
+``kernels/``, compiled ahead of time for Hopper (sm_90) and Ampere (sm_80) on a machine without a GPU
+(both by default; the Hopper-native TMA kernels for sm_90 only).
 
 What it compiles: the op launchers are called with small CPU tensors for every dtype and
 constexpr combination in ``MATRIX`` below, with Triton's launch replaced by a recorder; each
@@ -77,16 +78,26 @@ CI = dict(FULL, dtypes=(torch.float16,), tf32=False, epilogues=[("none", False, 
 # match, arch, most bytes) -> reason.  Anything else that spills fails the check.
 _ROW_REASON = ("a 65,536-wide row held in registers (the launcher's only choice: one row per program, "
                "64 values a thread at 16 warps); rows this wide need a looped two-pass kernel, not written yet")
+_TWO_WARP_REASON = ("4 bytes (one register) in a 2-warp tile at 96 registers: ptxas's choice, not register "
+                    "pressure; the same tile in the other operand layout does not spill")
 EXPLAINED_SPILLS = {
+    # sm_90: when B is read K-major (dz @ w in the backward); sm_80: when A is read M-major (a.T @ dz)
     ("_matmul_kernel", "BLOCK_M: 64, BLOCK_N: 32, BLOCK_K: 32, GROUP_M: 8, num_warps: 2", (), 90, 16):
-        "4 bytes (one register) when B is read K-major (dz @ w in the backward), at 96 registers: ptxas's "
-        "choice in a 2-warp tile, not register pressure; the same tile with B row-major does not spill",
-    ("_rms_norm_fwd_kernel", "", (("BLOCK_N", "65536"),), 90, 512): _ROW_REASON,
-    ("_rms_norm_bwd_kernel", "", (("BLOCK_N", "65536"),), 90, 9216): _ROW_REASON,  # 8,508 B on triton 3.6
+        _TWO_WARP_REASON,
+    ("_matmul_kernel", "BLOCK_M: 32, BLOCK_N: 64, BLOCK_K: 32, GROUP_M: 8, num_warps: 2", (), 80, 16):
+        _TWO_WARP_REASON,
     ("_rms_norm_bwd_kernel", "", (("HAS_DRES", "False"), ("BLOCK_N", "1024")), 90, 8):
         "8 bytes (two registers) on triton 3.6 only, a 1,024-wide row at 4 warps; triton 3.9 compiles it clean",
-    ("_layer_norm_fwd_kernel", "", (("BLOCK_N", "65536"),), 90, 512): _ROW_REASON,
-    ("_layer_norm_bwd_kernel", "", (("BLOCK_N", "65536"),), 90, 10240): _ROW_REASON,
+    # triton 3.6 on sm_80 only (3.9 compiles these clean, and so does 3.6 for sm_90): two registers
+    **{(kernel, config, (("HEAD_DIM", "64"),), 80, 8): "8 bytes (two registers) with triton 3.6 on sm_80 only"
+       for kernel, config in (
+           ("_attn_fwd_kernel", "BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, num_ctas: 1, num_stages: 3"),
+           ("_attn_bwd_dkdv_kernel", "BLOCK_M: 32, BLOCK_N: 64, num_warps: 4, num_ctas: 1, num_stages: 3"),
+           ("_attn_bwd_dq_kernel", "BLOCK_M: 64, BLOCK_N: 64, num_warps: 4, num_ctas: 1, num_stages: 2"))},
+    # the 65,536-wide rows, on both targets (most bytes: the worst seen on triton 3.6 or 3.9, rounded up)
+    **{(kernel, "", (("BLOCK_N", "65536"),), arch, most): _ROW_REASON for arch in (90, 80)
+       for kernel, most in (("_rms_norm_fwd_kernel", 512), ("_rms_norm_bwd_kernel", 9216),
+                            ("_layer_norm_fwd_kernel", 512), ("_layer_norm_bwd_kernel", 10240))},
 }
 ROW_WIDTHS = (1024, 8192, 65536)  # row kernels: the three num_warps regimes of row_settings
 VOCABS = (32000, 50257)
@@ -212,7 +223,7 @@ def collect(arch: int, matrix: dict) -> list[Job]:
     JITFunction.run = record_jit
     Autotuner.run = _tuning.BucketedAutotuner.run = record_autotuned
     try:
-        with _tuning.target_limit(_tuning.SHARED_MEMORY_LIMIT[arch]):
+        with _tuning.target_limit(_tuning.SHARED_MEMORY_LIMIT[arch], arch):
             for dtype in matrix["dtypes"]:
                 _drive(dtype, matrix, arch)
             if matrix["tf32"]:
@@ -282,8 +293,7 @@ def _cache_path() -> pathlib.Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compile_check", description=__doc__.split("\n\n")[0])
-    # sm_80 is not in the default (the CI check): compiling its configs too doubles the hour
-    p.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(_tuning.SHARED_MEMORY_LIMIT))
+    p.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(_tuning.SHARED_MEMORY_LIMIT))
     p.add_argument("--update", action="store_true", help="compile every missing entry and rewrite the cache")
     p.add_argument("--max-compile", type=int, default=8, help="without --update: most missing entries to compile")
     p.add_argument("--verify", type=int, default=0, help="recompile this many cached entries and compare")

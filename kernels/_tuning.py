@@ -25,7 +25,9 @@ from triton.runtime.autotuner import Autotuner
 # Per-block shared memory (opt-in maximum) of the targets the compile check builds for.
 SHARED_MEMORY_LIMIT = {90: 232_448, 80: 166_912}
 
-_target_limit: int | None = None  # set by target_limit() while the compile check enumerates configs
+# Set by target_limit() while the compile check enumerates configs for a target it has no GPU of.
+_target_limit: int | None = None
+_target_arch: int | None = None
 
 
 def bucket(n: int) -> int:
@@ -34,14 +36,16 @@ def bucket(n: int) -> int:
 
 
 @contextlib.contextmanager
-def target_limit(limit: int) -> Iterator[None]:
-    """Prune against ``limit`` bytes instead of the current device's (for ahead-of-time compiling)."""
-    global _target_limit
-    previous, _target_limit = _target_limit, limit
+def target_limit(limit: int, arch: int | None = None) -> Iterator[None]:
+    """Prune against ``limit`` bytes (and the register rules of compute capability ``arch``, e.g.
+    90) instead of the current device's: for ahead-of-time compiling."""
+    global _target_limit, _target_arch
+    previous = _target_limit, _target_arch
+    _target_limit, _target_arch = limit, arch
     try:
         yield
     finally:
-        _target_limit = previous
+        _target_limit, _target_arch = previous
 
 
 def _first_tensor(args: dict) -> torch.Tensor | None:
@@ -58,22 +62,36 @@ def shared_memory_limit(args: dict) -> int | None:
     return None  # CPU tensors under the interpreter: nothing to fit
 
 
+def target_arch(args: dict) -> int | None:
+    """Compute capability (major * 10 + minor) the arguments will run on; None: not a GPU."""
+    if _target_arch is not None:
+        return _target_arch
+    t = _first_tensor(args)
+    if t is not None and t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return None
+
+
 Estimate = Callable[[triton.Config, int, dict], int]
 
 
-Keep = Callable[[triton.Config, dict], bool]
+# keep(config, args, arch): a register rule; arch is target_arch() (None under the interpreter,
+# where one config runs anyway).  Rules derived from sm_90 compile reports apply to arch None too.
+Keep = Callable[[triton.Config, dict, "int | None"], bool]
 
 
 def prune_by_shared_memory(estimate: Estimate, keep: Keep | None = None) -> Callable:
     """An ``early_config_prune`` that keeps the configs whose ``estimate`` fits the limit and,
-    given ``keep``, that ``keep(config, args)`` accepts (a register rule, say).
+    given ``keep``, that ``keep(config, args, arch)`` accepts (a register rule, say).
 
     If none is left, the smallest one is kept so the error at launch names the real problem.
     """
 
     def prune(configs: Sequence[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
-        kept = [c for c in configs if keep is None or keep(c, args)] or list(configs)
+        arch = target_arch(named_args)
+        kept = [c for c in configs if keep is None or keep(c, args, arch)] or list(configs)
         limit = shared_memory_limit(named_args)
         if limit is None:
             return kept
@@ -129,7 +147,7 @@ def autotune(configs, key, bucketed: Sequence[str] = (), shared_memory: Estimate
     return decorator
 
 
-def epilogue_fits_registers(config: triton.Config, args: dict) -> bool:
+def epilogue_fits_registers(config: triton.Config, args: dict, arch: int | None = None) -> bool:
     """The matmul kernels' register rule: a fused activation epilogue on a tile of 128 fp32
     accumulators per thread spills on sm_90 (255 registers and 184-304 bytes of spill stores in
     bench/compile_reports), so those tiles are left to the plain matmul, where they fit."""

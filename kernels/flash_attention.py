@@ -71,13 +71,33 @@ def _dq_shared_memory(config, dtype_bytes, args):
     return (2 * kw["BLOCK_M"] + config.num_stages * 2 * kw["BLOCK_N"]) * d * dtype_bytes
 
 
-# Register rules, from the sm_90 float16 compile reports (bench/compile_reports): configs outside
-# them spill (8 B to 1.5 KB of spill stores).  The compile check fails if a kept one spills.
-def _fwd_fits_registers(config, args):
+# Register rules, from the sm_90 and sm_80 float16 compile reports (bench/compile_reports):
+# configs outside them spill (8 B to 1.5 KB of spill stores).  The compile check fails if a kept
+# one spills.  Ampere (arch < 90: no wgmma, every dot accumulates in the threads' registers)
+# spills in a few tiles that Hopper keeps clean: _PRE_HOPPER_SPILLS, (head dim, config) pairs.
+_PRE_HOPPER_SPILLS = {
+    "fwd": {(64, (128, 64, 3, 4))},  # 8 B on sm_80
+    "dkdv": {(64, (64, 128, 2, 8))},  # 60 B
+    "dq": {(64, (64, 128, 2, 8)), (128, (128, 64, 2, 8))},  # 152 B, 24 B
+}
+
+
+def _shape(config):
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], config.num_stages, config.num_warps
+
+
+def _pre_hopper_spill(kernel, config, args, arch):
+    return arch is not None and arch < 90 and (args["BLOCK_D"], _shape(config)) in _PRE_HOPPER_SPILLS[kernel]
+
+
+def _fwd_fits_registers(config, args, arch=None):
     # the output accumulator: BLOCK_M x BLOCK_D fp32 over the program's threads
     kw = config.kwargs
     if args["BLOCK_D"] >= 128 and kw["BLOCK_M"] * kw["BLOCK_N"] >= 128 * 128:
         return False  # with the mask variants' index math, the 128x128 score tile spills 60 B at d=128
+    if _pre_hopper_spill("fwd", config, args, arch):
+        return False
     return kw["BLOCK_M"] * args["BLOCK_D"] // (32 * config.num_warps) < 128
 
 
@@ -89,15 +109,16 @@ def _fwd_fits_registers(config, args):
 _DKDV_NO_SPILL = {64: {(32, 64, 3, 4), (64, 128, 2, 8)}, 128: {(32, 32, 2, 4), (32, 32, 3, 4)}}
 
 
-def _dkdv_fits_registers(config, args):
-    kw, d = config.kwargs, args["BLOCK_D"]
+def _dkdv_fits_registers(config, args, arch=None):
+    d = args["BLOCK_D"]
     allowed = _DKDV_NO_SPILL.get(d, {(32, 64, 3, 4)}) if d >= 64 else None
-    return allowed is None or (kw["BLOCK_M"], kw["BLOCK_N"], config.num_stages, config.num_warps) in allowed
+    return (allowed is None or _shape(config) in allowed) and not _pre_hopper_spill("dkdv", config, args, arch)
 
 
-def _dq_fits_registers(config, args):
+def _dq_fits_registers(config, args, arch=None):
     # K and V tiles of 128 keys at head dim >= 128 spill
-    return config.kwargs["BLOCK_N"] < 128 or args["BLOCK_D"] < 128
+    fits = config.kwargs["BLOCK_N"] < 128 or args["BLOCK_D"] < 128
+    return fits and not _pre_hopper_spill("dq", config, args, arch)
 
 
 # Sequence lengths in power-of-two buckets (a new prompt length reuses a tuned config); head dim exact.

@@ -76,7 +76,7 @@ def _dq_shared_memory(config, dtype_bytes, args):
     return (3 * kw["BLOCK_M"] + config.num_stages * 2 * kw["BLOCK_N"]) * d * dtype_bytes + 1024
 
 
-def _fwd_fits_registers(config, args):
+def _fwd_fits_registers(config, args, arch=None):
     # the output accumulator, BLOCK_M x BLOCK_D fp32, over the program's threads
     kw = config.kwargs
     return kw["BLOCK_M"] * args["BLOCK_D"] // (32 * config.num_warps) < 128
@@ -84,14 +84,14 @@ def _fwd_fits_registers(config, args):
 
 # Register rules, from the sm_90 float16 compile reports (bench/compile_reports): the configs they
 # keep compile without spills; the compile check fails if a kept one spills.
-def _dkdv_fits_registers(config, args):
+def _dkdv_fits_registers(config, args, arch=None):
     # Two BLOCK_N x BLOCK_D fp32 accumulators (dK, dV) beside the K and V tiles: at most 64 values
     # a thread, and 8 warps at head dim 128 (32x32 tiles with 4 warps spill 148 B there).
     kw, d = config.kwargs, args["BLOCK_D"]
     return 2 * kw["BLOCK_N"] * d // (32 * config.num_warps) <= 64 and (d < 128 or config.num_warps >= 8)
 
 
-def _dq_fits_registers(config, args):
+def _dq_fits_registers(config, args, arch=None):
     # the dQ accumulator, BLOCK_M x BLOCK_D fp32, over the program's threads
     kw = config.kwargs
     return kw["BLOCK_M"] * args["BLOCK_D"] // (32 * config.num_warps) <= 64

@@ -77,6 +77,21 @@ def test_fp32_attention_at_head_dim_128_prunes_the_big_tiles(arch):
     assert not any(c.kwargs == {"BLOCK_M": 128, "BLOCK_N": 128} for c in kept)
 
 
+def test_register_rules_follow_the_target_architecture():
+    # The portable dQ kernel's 64x128 tile at 8 warps is clean on sm_90 and spills 152 B on sm_80:
+    # pruning for sm_80 drops it, for sm_90 (and on the CPU, no target) keeps it.
+    prune = _tuning.prune_by_shared_memory(attn_mod._dq_shared_memory, attn_mod._dq_fits_registers)
+    q = torch.empty(1, dtype=torch.float16)
+
+    def has_tile(arch):
+        with _tuning.target_limit(_tuning.SHARED_MEMORY_LIMIT[arch], arch):
+            kept = prune(attn_mod._bwd_configs(), {"q_ptr": q}, BLOCK_D=64)
+        return any(attn_mod._shape(c) == (64, 128, 2, 8) for c in kept)
+
+    assert has_tile(90) and not has_tile(80)
+    assert any(attn_mod._shape(c) == (64, 128, 2, 8) for c in prune(attn_mod._bwd_configs(), {"q_ptr": q}, BLOCK_D=64))
+
+
 # ---------------------------------------------------------------- kernel families (_dispatch.VariantTuner)
 
 
