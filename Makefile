@@ -19,7 +19,7 @@ BENCH_ARGS ?= --repeat 3
 # operations and the other scenarios' trials; by hand, it takes minutes.
 SOAK ?= 10
 
-.PHONY: test lint test-torch-suite test-hf bench soak install clean gpu-check compile-check
+.PHONY: test lint test-torch-suite test-hf bench soak install clean gpu-check gpu-build gpu-test gpu-bench compile-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -73,11 +73,14 @@ COMPILE_CHECK_ARGS ?=
 compile-check: $(if $(filter $(PY),$(COMPILE_PY)),$(STAMP))
 	env -u TRITON_INTERPRET $(COMPILE_PY) -m pycomm.bench.compile_check --update $(COMPILE_CHECK_ARGS)
 
-# On a GPU machine (its own python with torch, triton and nvcc): build, GPU tests, GPU benchmarks.
-# STEP=build|test|bench|all; logs go to $$OUT or gpu-results/.
+# On a GPU machine (its own python with torch, triton and nvcc): build, GPU tests, GPU benchmarks,
+# each step under 10 minutes: `make gpu-build`, `make gpu-test`, `make gpu-bench`, or all three
+# with `make gpu-check`.  Logs, JSON and summary.md go to $$OUT or bench/results/<date>-<gpu>/.
 STEP ?= all
 gpu-check:
 	bash bench/gpu_check.sh $(STEP)
+gpu-build gpu-test gpu-bench:
+	bash bench/gpu_check.sh $(patsubst gpu-%,%,$@)
 
 clean:
 	rm -rf build *.egg-info pycomm/*.so

@@ -4,14 +4,17 @@
 #   bash bench/gpu_check.sh test    # tests/cuda and tests/kernels with compiled Triton, one pytest per file
 #   bash bench/gpu_check.sh bench   # collectives on CUDA tensors and the kernels against cuBLAS/SDPA/eager
 #   bash bench/gpu_check.sh all     # the three, each step under its own time limit (about 9 minutes)
-# Logs and JSON go to $OUT (the device tool's output folder) or ./gpu-results.
+# Logs, JSON and summary.md (a markdown table of everything, bench/gpu_summary.py) go to $OUT (the
+# device tool's output folder) or bench/results/<date>-<gpu>/ (commit that folder).
 # Each test file runs in its own pytest under its own limit, with pytest-timeout's thread method,
 # so a hang prints its stacks and costs one file's results, not the whole run's (2026-11-26: one
 # `timeout pytest tests/cuda tests/kernels` killed at its limit left a log with no failure details).
 set -uo pipefail
-out=${OUT:-gpu-results}
-mkdir -p "$out"
 py=${PYTHON:-python3}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed 's/^NVIDIA //; s/ .*//' \
+  | tr 'A-Z' 'a-z')
+out=${OUT:-bench/results/$(date -u +%F)-${gpu:-gpu}}
+mkdir -p "$out"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 step=${1:-all}
 FILE_LIMIT=${FILE_LIMIT:-150}   # seconds per test file
@@ -72,3 +75,7 @@ case "$step" in
   all) build && tests && bench ;;
   *) echo "usage: bench/gpu_check.sh build|test|bench|all"; exit 2 ;;
 esac
+rc=$?
+[ -f "$out/env.txt" ] || env_info > /dev/null
+$py -m bench.gpu_summary "$out"
+exit $rc
