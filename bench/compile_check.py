@@ -126,6 +126,7 @@ def _drive(dtype, matrix, arch):
         for act, has_bias, save in matrix["epilogues"]:
             tma.mm_tma(a, w.t(), bias if has_bias else None, act, save)
         tma.mm_tma(a, b)
+        tma.mm_tma(a.t(), dz)  # the weight gradient: A read M-major
     fa, fa_tma = _mod("flash_attention"), _mod("flash_attention_tma")
     for d in matrix["head_dims"]:
         q, k, v = t(1, 4, 128, d), t(1, 2, 128, d), t(1, 2, 128, d)

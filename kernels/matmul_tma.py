@@ -2,8 +2,10 @@
 writing through TMA tensor descriptors (Triton tutorial 09), with matmul.py's fused epilogue.
 
 Contract: as ``matmul.mm`` for the layouts TMA can address (``tma_ok``): ``a`` (M, K) with unit
-stride along K, ``b`` (K, N) with unit stride along N or along K (a transposed ``nn.Linear``
-weight), 16-byte-aligned base pointers and row strides, an output with unit stride along N.
+stride along K or along M (``x.t()``, as the weight gradient ``x.T @ dy`` reads it), ``b`` (K, N)
+with unit stride along N or along K (a transposed ``nn.Linear`` weight), 16-byte-aligned base
+pointers and row strides, an output with unit stride along N.  So all three GEMMs of a linear
+layer's forward and backward can run here.
 Other layouts stay with the portable kernel (``matmul.mm``).
 
 Why a separate kernel: descriptors let the copy engine move whole tiles into shared memory
@@ -60,20 +62,25 @@ def _tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @_interpreter.autotune(
     configs=_configs(),
-    key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "B_KMAJOR"], bucketed=["M"], shared_memory=_shared_memory,
+    key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "A_MMAJOR", "B_KMAJOR"], bucketed=["M"],
+    shared_memory=_shared_memory,
     keep=_tuning.epilogue_fits_registers,
     interpreter_config=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}),
 )
 @triton.jit
 def _matmul_tma_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, M, N, K, stride_am, stride_b, stride_cm, NUM_PROGRAMS,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, B_KMAJOR: tl.constexpr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, M, N, K, stride_a, stride_b, stride_cm, NUM_PROGRAMS,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, A_MMAJOR: tl.constexpr,
+    B_KMAJOR: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Descriptors clip at the tensor's edges: ragged M, N and K need no masks (loads past
     # the edge read zeros, stores past it are dropped).
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if A_MMAJOR:  # a is a transposed (K, M) tensor: read (BLOCK_K, BLOCK_M) tiles and transpose
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[K, M], strides=[stride_a, 1], block_shape=[BLOCK_K, BLOCK_M])
+    else:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_a, 1], block_shape=[BLOCK_M, BLOCK_K])
     if B_KMAJOR:  # b is a transposed (N, K) weight: read (BLOCK_N, BLOCK_K) tiles and transpose
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
     else:
@@ -91,7 +98,10 @@ def _matmul_tma_kernel(
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
-            a = a_desc.load([off_m, ki * BLOCK_K])
+            if A_MMAJOR:
+                a = a_desc.load([ki * BLOCK_K, off_m]).T
+            else:
+                a = a_desc.load([off_m, ki * BLOCK_K])
             if B_KMAJOR:
                 b = b_desc.load([off_n, ki * BLOCK_K]).T
             else:
@@ -114,11 +124,22 @@ def tma_ok(a2: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
     if not HAS_DESCRIPTORS:
         return False
     es = a2.element_size()
+    a_rows = a2.stride(0) == 1 or a2.stride(1) == 1
     b_rows = b.stride(0) == 1 or b.stride(1) == 1
-    lead = [a2.stride(0), b.stride(1) if b.stride(0) == 1 else b.stride(0), out.stride(0)]
+    lead = [_lead(a2), _lead(b), out.stride(0)]
     ptrs = [a2.data_ptr(), b.data_ptr(), out.data_ptr()]
-    return (a2.stride(1) == 1 and out.stride(1) == 1 and b_rows and all(s * es % 16 == 0 for s in lead)
+    return (a_rows and b_rows and out.stride(1) == 1 and all(s * es % 16 == 0 for s in lead)
             and all(p % 16 == 0 for p in ptrs) and a2.shape[0] > 0 and b.shape[1] > 0)
+
+
+def _lead(t: torch.Tensor) -> int:
+    """The row stride a descriptor uses: along dim 0 when dim 1 is contiguous, else along dim 1."""
+    return t.stride(0) if t.stride(1) == 1 else t.stride(1)
+
+
+def _transposed(t: torch.Tensor) -> bool:
+    """Whether the descriptor reads ``t`` as its transpose (unit stride along dim 0 only)."""
+    return t.stride(1) != 1
 
 
 def _alloc(size: int, alignment: int, stream):
@@ -140,7 +161,6 @@ def mm_tma(a2, b, bias=None, activation="none", save_preact=False, out=None, z=N
                          "rows and pointers); use kernels.matmul.mm")
     if a2.is_cuda:
         triton.set_allocator(_alloc)  # device-side descriptors need scratch memory
-    b_kmajor = b.stride(0) == 1 and b.stride(1) != 1
     num_sms = _interpreter.num_sms(a2.device)
     # One program per SM at most (persistent), each taking every num_sms-th tile (with fewer
     # tiles than SMs each program takes one).  A run-time argument: one compiled kernel serves
@@ -148,8 +168,9 @@ def mm_tma(a2, b, bias=None, activation="none", save_preact=False, out=None, z=N
     grid = lambda meta: (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
     _matmul_tma_kernel[grid](
         a2, b, out, bias if bias is not None else out, z if z is not None else out,
-        M, N, K, a2.stride(0), b.stride(1) if b_kmajor else b.stride(0), out.stride(0), num_sms,
-        ACTIVATION=activation, HAS_BIAS=bias is not None, SAVE_PREACT=save_preact, B_KMAJOR=b_kmajor,
+        M, N, K, _lead(a2), _lead(b), out.stride(0), num_sms,
+        ACTIVATION=activation, HAS_BIAS=bias is not None, SAVE_PREACT=save_preact, A_MMAJOR=_transposed(a2),
+        B_KMAJOR=_transposed(b),
         PRECISION=_utils.dot_precision(a2.dtype), DOT_F32=_interpreter.dot_in_fp32(a2.dtype),
     )
     return out, z

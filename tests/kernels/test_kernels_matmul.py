@@ -28,9 +28,8 @@ def test_matmul_plain_multi_tile(dtype):
 
 @pytest.mark.parametrize("dtype", dot_dtypes())
 def test_matmul_both_kernel_families(dtype, variant):
-    # TMA-addressable sizes (16-byte rows), so the Hopper family takes the forward (a @ w.t()) and
-    # the input gradient (dz @ w); the weight gradient reads a.T, which it cannot address, and
-    # stays on the portable kernel.
+    # TMA-addressable sizes (16-byte rows), so the Hopper family takes the forward (a @ w.t(), B
+    # read K-major), the input gradient (dz @ w) and the weight gradient (a.T @ dz, A read M-major).
     a, w, bias = randn(2, 37, 96, scale=0.3), randn(80, 96, scale=0.2, seed=1), randn(80, seed=2)
     check(lambda a, w, b: kernels.matmul(a, w.t(), b, "gelu"), lambda a, w, b: F.gelu(a @ w.t() + b),
           [a, w, bias], dtype)

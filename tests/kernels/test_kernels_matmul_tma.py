@@ -33,10 +33,18 @@ def test_tma_matmul_row_major_b_several_tiles(dtype):
     check(lambda a, b: _mm(a, b), lambda a, b: a @ b, [a, b], dtype, backward=False)
 
 
+@pytest.mark.parametrize("dtype", dot_dtypes())
+def test_tma_matmul_transposed_a_as_the_weight_gradient_reads_it(dtype):
+    # dW = x.T @ dy: A is a (K, M) view with unit stride along M, read as transposed tiles.
+    x, dy = randn(70, 48, scale=0.3), randn(70, 80, seed=1)
+    check(lambda x, dy: _mm(x.t(), dy), lambda x, dy: x.t() @ dy, [x, dy], dtype, backward=False)
+
+
 def test_tma_layouts_it_cannot_address_are_refused():
     a, b = randn(8, 10).float(), randn(10, 16, seed=1).float()
     assert not tma.tma_ok(a, b, torch.empty(8, 16))  # a's 40-byte rows are not 16-byte aligned
     a2 = randn(16, 12).float()
-    assert not tma.tma_ok(a2.t(), randn(16, 16).float(), torch.empty(12, 16))  # a not unit-stride along K
+    assert tma.tma_ok(a2.t(), randn(16, 16).float(), torch.empty(12, 16))  # a M-major: read transposed
+    assert not tma.tma_ok(a2[:, ::2], randn(6, 16).float(), torch.empty(16, 16))  # no unit stride at all
     with pytest.raises(ValueError, match="not TMA-addressable"):
         tma.mm_tma(a, b)
