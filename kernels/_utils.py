@@ -98,3 +98,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return "tf32"  # ignored for 16-bit operands; "tf32" is Triton's default
+
+
+def _descriptor_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def descriptor_scratch(t: torch.Tensor) -> None:
+    """Before launching kernels that build tensor descriptors on the device (the Hopper family):
+    they need scratch memory from Triton's allocator, which is set here for CUDA tensors."""
+    if t.is_cuda:
+        triton.set_allocator(_descriptor_alloc)

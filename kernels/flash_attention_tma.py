@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _interpreter
+from . import _interpreter, _utils
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -120,23 +120,37 @@ def _longest_first(CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _kv_tiles(k_desc, v_desc, start_n, DOT_F32: tl.constexpr):
+    """The K and V tiles of the key block at start_n (fp32 when the interpreter needs it)."""
+    k = k_desc.load([start_n, 0])
+    v = v_desc.load([start_n, 0])
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _visible_keys(start_n, offs_m, offset, S_K, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(queries x keys) mask of a masked-stage block: inside the sequence and, if causal, at or
+    before the query's position."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    valid = (offs_n < S_K)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + offset)
+    return valid
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, offs_m, offset, S_K, qk_scale,
                 CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """The online softmax over key blocks [lo, hi); MASKED builds the bound/causal mask."""
     for start_n in range(lo, hi, BLOCK_N):
-        k = k_desc.load([start_n, 0])
-        v = v_desc.load([start_n, 0])
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _kv_tiles(k_desc, v_desc, start_n, DOT_F32)
         s = tl.dot(q, k.T, input_precision=PRECISION) * qk_scale
         if MASKED:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            valid = (offs_n < S_K)[None, :]
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None] + offset)
-            s = tl.where(valid, s, float("-inf"))
+            s = tl.where(_visible_keys(start_n, offs_m, offset, S_K, CAUSAL, BLOCK_N), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row with no key yet: no -inf - -inf
         alpha = tl.exp2(m_i - m_use)
@@ -282,18 +296,10 @@ def _dq_blocks(dq, q, do, lse, delta, k_desc, v_desc, lo, hi, offs_m, offset, S_
                CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
                BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
-        k = k_desc.load([start_n, 0])
-        v = v_desc.load([start_n, 0])
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _kv_tiles(k_desc, v_desc, start_n, DOT_F32)
         p = tl.exp2(tl.dot(q, k.T, input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            valid = (offs_n < S_K)[None, :]
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None] + offset)
-            p = tl.where(valid, p, 0.0)
+            p = tl.where(_visible_keys(start_n, offs_m, offset, S_K, CAUSAL, BLOCK_N), p, 0.0)
         ds = p * (tl.dot(do, v.T, input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
@@ -354,22 +360,13 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _alloc(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _prepare(t: torch.Tensor) -> None:
-    if t.is_cuda:
-        triton.set_allocator(_alloc)  # device-side descriptors need scratch memory
-
-
 def _strides3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
 def attention_fwd_tma(q, k, v, o, lse, causal: bool, scale: float, bottom_right: bool, flags: dict) -> None:
     """Forward into ``o`` and ``lse`` (B, H, S_q); ``flags`` carries HEAD_DIM, BLOCK_D, PRECISION, DOT_F32."""
-    _prepare(q)
+    _utils.descriptor_scratch(q)
     B, H, S_Q, _ = q.shape
     H_KV, S_K = k.shape[1], k.shape[2]
     grid = lambda meta: (triton.cdiv(S_Q, meta["BLOCK_M"]), B * H)  # noqa: E731
@@ -382,7 +379,7 @@ def attention_fwd_tma(q, k, v, o, lse, causal: bool, scale: float, bottom_right:
 def attention_bwd_tma(q, k, v, do, lse, delta, dq, dk, dv, causal: bool, scale: float, bottom_right: bool,
                       flags: dict) -> None:
     """dQ, dK, dV into the views ``dq``, ``dk``, ``dv`` from the forward's ``lse`` and ``delta`` (B, H, S_q)."""
-    _prepare(q)
+    _utils.descriptor_scratch(q)
     B, H, S_Q, _ = q.shape
     H_KV, S_K = k.shape[1], k.shape[2]
     common = dict(CAUSAL=causal, BOTTOM_RIGHT=bottom_right, **flags)

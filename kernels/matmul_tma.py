@@ -142,10 +142,6 @@ def _transposed(t: torch.Tensor) -> bool:
     return t.stride(1) != 1
 
 
-def _alloc(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def mm_tma(a2, b, bias=None, activation="none", save_preact=False, out=None, z=None):
     """``matmul.mm`` through the persistent TMA kernel; (out, z or None).  Check ``tma_ok`` first.
 
@@ -159,8 +155,7 @@ def mm_tma(a2, b, bias=None, activation="none", save_preact=False, out=None, z=N
     if not tma_ok(a2, b, out):
         raise ValueError("mm_tma: these operands are not TMA-addressable (unit inner strides, 16-byte aligned "
                          "rows and pointers); use kernels.matmul.mm")
-    if a2.is_cuda:
-        triton.set_allocator(_alloc)  # device-side descriptors need scratch memory
+    _utils.descriptor_scratch(a2)
     num_sms = _interpreter.num_sms(a2.device)
     # One program per SM at most (persistent), each taking every num_sms-th tile (with fewer
     # tiles than SMs each program takes one).  A run-time argument: one compiled kernel serves
