@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
+from pycomm import kernels
 from pycomm.kernels import _dispatch, _tuning
 
 matmul_mod = importlib.import_module("pycomm.kernels.matmul")
@@ -139,3 +140,17 @@ def test_variant_tuner_forced_and_interpreted(monkeypatch):
     monkeypatch.setenv(_dispatch.VARIANT_ENV_VAR, "fastest")
     with pytest.raises(ValueError, match="PYCOMM_KERNEL_VARIANT='fastest' is not one of"):
         tuner.run((1,), _families(log))
+
+
+def test_use_variant_forces_a_family_inside_its_block_only(monkeypatch):
+    log = []
+    tuner = _dispatch.VariantTuner("test_op3", timer=lambda fn: pytest.fail("nothing should be timed"))
+    monkeypatch.setenv(_dispatch.VARIANT_ENV_VAR, "portable")
+    with kernels.use_variant("hopper"):  # wins over the variable
+        assert tuner.run((1,), _families(log)) == "h"
+        with kernels.use_variant("portable"):
+            assert tuner.run((1,), _families(log)) == "p"
+        assert tuner.run((1,), _families(log)) == "h"
+    assert tuner.run((1,), _families(log)) == "p"
+    with pytest.raises(ValueError, match="pick one of"), kernels.use_variant("fastest"):
+        pass
