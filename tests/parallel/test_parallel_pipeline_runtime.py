@@ -258,7 +258,7 @@ def job_bubble(schedule, m, virtual, t_f):
 
 @pytest.mark.parametrize("schedule,p,m,virtual,t_f", [
     ("gpipe", 2, 4, 1, 0.1), ("1f1b", 2, 4, 1, 0.1), ("interleaved_1f1b", 2, 4, 2, 0.1),
-    ("looped_bfs", 2, 4, 2, 0.1), ("zb_h1", 2, 4, 1, 0.1), ("zb_h2", 2, 4, 1, 0.1), ("zb_v", 2, 4, 1, 0.1),
+    ("looped_bfs", 2, 4, 2, 0.1), ("zb_h1", 2, 4, 1, 0.1), ("zb_h2", 2, 4, 1, 0.1), ("zb_v", 2, 4, 1, 0.2),
     ("dualpipe_v", 4, 8, 1, 0.2),
     ("chimera", 4, 4, 1, 0.1),  # on 2 ranks Chimera has no bubble to compare with
 ])
@@ -269,6 +269,8 @@ def test_measured_bubble_matches_simulator(run, schedule, p, m, virtual, t_f):
     # run in three on 2 cores (2026-11-26).  DualPipe-V's bubble is small (0.06 of the step), so
     # the same overhead is a larger share of it: at 0.1 s its timeline matched the simulator's
     # action by action and the makespan within 0.6%, but the bubble by 12%; at 0.2 s that halves.
+    # ZB-V on 2 ranks (bubble 0.078) is the same case: at 0.1 s one CI run in three measured 0.087
+    # in both steps, 11% over (2026-11-26), so it runs at 0.2 s too.
     # The stages sleep, so 4 processes on 2 cores keep their durations.
     res = run(p, job_bubble, schedule, m, virtual, t_f)[0]
     # Best of two steps: another process on the shared cores can only delay a message.
