@@ -31,11 +31,17 @@ def test_predicted_best_measures_within_20_percent_of_measured_best(run, calibra
         family_best.setdefault((p.dp, p.tp, p.pp, p.schedule), p)
     chosen = list(family_best.values())
     assert chosen[0] is plans.best and len(chosen) >= 4
-    configs = [plan_check.train_config(p, STEPS) for p in chosen]
+    # The predicted best is measured `runs` times in each run, the others once: the fastest of a
+    # dozen shapes (several of them the same schedule, e.g. GPipe and looped BFS at one
+    # micro-batch) is an extreme of many noisy samples, and one shape's few samples would be
+    # judged against it (2026-11-26: GPipe 64 ms against the identical looped BFS's 51 ms on 4
+    # processes sharing 2 cores).
+    configs = [plan_check.train_config(p, STEPS) for p in [chosen[0]] * (runs - 1) + chosen]
     # each shape's fastest run: the machine is shared, and one disturbed run of one shape must
     # not decide the comparison
-    measured = [min(ts) for ts in zip(*(run(world, plan_check.measure_rank, configs, timeout=600)[0]
-                                         for _ in range(runs)))]
+    samples = [min(ts) for ts in zip(*(run(world, plan_check.measure_rank, configs, timeout=600)[0]
+                                        for _ in range(runs)))]
+    measured = [min(samples[:runs])] + samples[runs:]
     table = "\n".join(f"{p.shape}: predicted {p.step_time * 1e3:.1f} ms, measured {m * 1e3:.1f} ms"
                       for p, m in zip(chosen, measured))
     assert measured[0] <= 1.2 * min(measured), table
